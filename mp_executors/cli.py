@@ -1,0 +1,155 @@
+"""The `mp-executors` command line.
+
+Subcommands are registered in `SUBCOMMANDS` (name -> `Subcommand`): each has a
+help line, a function adding its arguments to its sub-parser, and a handler
+`(args) -> exit code`. To add one (e.g. `run`, `bench`), write those two
+functions and add an entry; import anything heavy (TensorFlow, the executors)
+inside the handler, not at the top of this module, so that `info` stays fast
+and never touches a GPU.
+
+Argument errors print one line to stderr and exit with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, NoReturn
+
+from . import resources
+
+PROG = "mp-executors"
+
+
+class UsageError(Exception):
+    """A bad command-line argument: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and do not exit the interpreter."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message} (see --help)")
+
+
+class Subcommand(NamedTuple):
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------
+
+
+def _add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="number of clients to plan for (default: 1000)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="number of workers (overrides the automatic sizing)",
+    )
+    p.add_argument(
+        "--threads-per-worker",
+        type=int,
+        default=None,
+        metavar="N",
+        help="TensorFlow intra-op threads (and CPUs) per worker",
+    )
+    p.add_argument(
+        "--devices",
+        default="auto",
+        metavar="auto|cpu|gpu|0,1",
+        help="where workers run: auto (GPUs if any), cpu, gpu, or a list of GPU ids",
+    )
+    p.add_argument(
+        "--workers-per-gpu",
+        type=int,
+        default=1,
+        metavar="N",
+        help="workers sharing one GPU (default: 1)",
+    )
+    p.add_argument(
+        "--memory-per-worker",
+        default=None,
+        metavar="SIZE",
+        help="memory budget per worker, e.g. 2GB, 512MiB, 1.5G "
+        f"(default: {resources.format_bytes(resources.DEFAULT_MEMORY_PER_WORKER)})",
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead")
+
+
+def _info(args: argparse.Namespace) -> int:
+    machine = resources.detect_machine()
+    try:
+        plan = resources.plan_pool(
+            args.clients,
+            num_workers=args.workers,
+            threads_per_worker=args.threads_per_worker,
+            devices=args.devices,
+            workers_per_gpu=args.workers_per_gpu,
+            memory_per_worker=args.memory_per_worker,
+            machine=machine,
+        )
+    except ValueError as e:
+        # plan_pool names Python arguments; say which flag that is.
+        msg = str(e).replace("num_clients", "--clients").replace("num_workers", "--workers")
+        for name in ("threads_per_worker", "workers_per_gpu", "memory_per_worker", "devices"):
+            msg = msg.replace(name, "--" + name.replace("_", "-"))
+        raise UsageError(f"{PROG} info: error: {msg}") from None
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(machine.describe())
+        print()
+        print(plan)
+    return 0
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "info": Subcommand(
+        "show this machine's resources and the worker pool that would be planned",
+        _add_info_arguments,
+        _info,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser, with one sub-parser per entry of SUBCOMMANDS."""
+    parser = _Parser(prog=PROG, description="Multi-process runtime for federated computations.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, cmd in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+        p.set_defaults(_handler=cmd.handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for usage errors)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args._handler(args))
+    except UsageError as e:
+        print(" ".join(str(e).split()), file=sys.stderr)  # always exactly one line
+        return 2
+    except SystemExit as e:  # --help / --version exit through argparse
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
