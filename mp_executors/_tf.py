@@ -1,0 +1,49 @@
+"""Importing TensorFlow quietly, once, for the whole package.
+
+TensorFlow prints C++ start-up lines (oneDNN, CUDA probing) to file
+descriptor 2 before Python logging exists; users asked for a quiet runtime, so
+the first import redirects fd 2 to /dev/null for its duration. Set
+``MP_EXECUTORS_TF_VERBOSE=1`` to see those lines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+
+@contextlib.contextmanager
+def _silenced_fd2():
+    if os.environ.get("MP_EXECUTORS_TF_VERBOSE") == "1":
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except OSError:  # no real fd 2 (some embedded interpreters): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def import_tensorflow():
+    """Returns the `tensorflow` module, importing it without start-up noise."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _silenced_fd2():
+        import tensorflow as tf  # noqa: PLC0415 - deliberately lazy and silenced
+
+        tf.get_logger().setLevel("ERROR")
+    return tf
+
+
+tf = import_tensorflow()

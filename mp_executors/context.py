@@ -1,0 +1,150 @@
+"""Execution contexts: what runs a computation called from Python.
+
+`ExecutionContext(factory).invoke(comp, arg)` converts and checks the
+argument (TypeError naming the parameter), infers the number of clients from
+it, asks the factory for an executor for that many clients, runs the
+computation on the executor, and converts the result back to Python.
+
+Invocations run on one event loop in a background thread owned by the
+context, so calling a computation works the same from plain Python and from
+inside a running asyncio loop (Jupyter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from mp_executors.core import types as t
+from mp_executors.core import values
+from mp_executors.factories.base import ExecutorFactory
+
+
+class ExecutionContext:
+    """Runs computations on executors made by `executor_factory`."""
+
+    def __init__(self, executor_factory: ExecutorFactory):
+        if not isinstance(executor_factory, ExecutorFactory):
+            raise TypeError(
+                f"ExecutionContext expects an ExecutorFactory (e.g. mpx.local_executor_factory()), "
+                f"got {type(executor_factory).__name__}."
+            )
+        self.executor_factory = executor_factory
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="mp_executors-loop", daemon=True)
+                thread.start()
+                self._loop, self._thread = loop, thread
+            return self._loop
+
+    def invoke(self, comp: Any, arg: Any) -> Any:
+        fn_type: t.FunctionType = comp.type_signature
+        if fn_type.parameter is None:
+            rep, cardinalities = None, {}
+        else:
+            rep, cardinalities = values.convert_argument(arg, fn_type.parameter, f"{comp.name}: argument")
+        executor = self.executor_factory.create_executor(cardinalities)
+        future = asyncio.run_coroutine_threadsafe(self._run(executor, comp, rep), self._event_loop())
+        try:
+            result = future.result()
+        except BaseException:
+            future.cancel()
+            raise
+        return values.to_python(result, fn_type.result)
+
+    @staticmethod
+    async def _run(executor, comp: Any, rep: Any) -> Any:
+        fn_type = comp.type_signature
+        fn_value = await executor.create_value(comp.building_block, fn_type)
+        arg_value = None if rep is None else await executor.create_value(rep, fn_type.parameter)
+        result = await executor.create_call(fn_value, arg_value)
+        return await result.compute()
+
+    def close(self) -> None:
+        """Closes the factory (and its workers) and stops the event loop."""
+        self.executor_factory.close()
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
+
+
+_default: ExecutionContext | None = None
+_stack: list[ExecutionContext] = []
+_owned: list[ExecutionContext] = []
+
+
+def _as_context(context_or_factory: Any) -> ExecutionContext:
+    if isinstance(context_or_factory, ExecutionContext):
+        return context_or_factory
+    return ExecutionContext(context_or_factory)
+
+
+def get_execution_context() -> ExecutionContext:
+    """The innermost `execution_context(...)`, else the default one.
+
+    With nothing set, the default is an auto-sized `mp_executor_factory`; its
+    pool starts lazily on the first call that needs clients.
+    """
+    global _default
+    if _stack:
+        return _stack[-1]
+    if _default is None:
+        from mp_executors.factories.mp import mp_executor_factory  # noqa: PLC0415 - cycle
+
+        _default = ExecutionContext(mp_executor_factory())
+        _owned.append(_default)
+    return _default
+
+
+def set_execution_context(context_or_factory: Any) -> ExecutionContext:
+    """Sets the default context (an ExecutionContext or an ExecutorFactory)."""
+    global _default
+    _default = _as_context(context_or_factory)
+    return _default
+
+
+@contextlib.contextmanager
+def execution_context(context_or_factory: Any) -> Iterator[ExecutionContext]:
+    """`with mpx.execution_context(factory):` runs calls inside on that factory."""
+    context = _as_context(context_or_factory)
+    _stack.append(context)
+    try:
+        yield context
+    finally:
+        _stack.remove(context)
+
+
+def set_local_execution_context(**kwargs: Any) -> ExecutionContext:
+    """Sets an in-process `local_executor_factory(**kwargs)` as the default."""
+    from mp_executors.factories.local import local_executor_factory  # noqa: PLC0415
+
+    context = ExecutionContext(local_executor_factory(**kwargs))
+    _owned.append(context)
+    return set_execution_context(context)
+
+
+def set_mp_execution_context(**kwargs: Any) -> ExecutionContext:
+    """Sets a worker-pool `mp_executor_factory(**kwargs)` as the default."""
+    from mp_executors.factories.mp import mp_executor_factory  # noqa: PLC0415
+
+    context = ExecutionContext(mp_executor_factory(**kwargs))
+    _owned.append(context)
+    return set_execution_context(context)
+
+
+@atexit.register
+def _close_owned_contexts() -> None:
+    for context in _owned:
+        with contextlib.suppress(Exception):
+            context.close()

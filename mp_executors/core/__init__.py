@@ -1,0 +1,1 @@
+"""The federated computation language: types, values, AST, tracing, intrinsics."""

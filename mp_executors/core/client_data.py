@@ -1,0 +1,55 @@
+"""`ClientData`: a picklable description from which workers build client data.
+
+Passing client data as values moves every byte through the parent on every
+call. A `ClientData(fn, client_ids)` instead travels as a few bytes; each
+worker calls `fn(client_id)` for the clients of its own shard and keeps the
+result resident (cached by the description's `key`) for later calls, so the
+data of a simulation never crosses a process boundary.
+
+`fn` must be importable or cloudpickle-able (a module-level function or a
+lambda over picklable values), deterministic in `client_id`, and return a
+value of `element_type` (numpy arrays, nested structures, or a tf.data.Dataset).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from mp_executors.core import types as t
+
+
+class ClientData:
+    """Client data described by a builder function and a list of client ids."""
+
+    def __init__(self, fn: Callable[[Any], Any], client_ids: Sequence[Any], element_type: Any = None):
+        if not callable(fn):
+            raise TypeError(f"ClientData: fn must be callable (client_id -> data), got {type(fn).__name__}.")
+        self.fn = fn
+        self.client_ids = list(client_ids)
+        if not self.client_ids:
+            raise ValueError("ClientData: client_ids is empty; give at least one client id.")
+        if element_type is None:
+            from mp_executors.core.values import infer_type  # noqa: PLC0415 - avoid a cycle
+
+            element_type = infer_type(fn(self.client_ids[0]))
+        self.element_type = t.to_type(element_type)
+        # Identifies this description across calls: workers cache built data by it.
+        self.key = uuid.uuid4().hex
+
+    def __len__(self) -> int:
+        return len(self.client_ids)
+
+    def subset(self, start: int, stop: int) -> ClientData:
+        """The description of clients [start, stop), sharing this one's cache key."""
+        part = object.__new__(ClientData)
+        part.fn, part.client_ids, part.element_type = self.fn, self.client_ids[start:stop], self.element_type
+        part.key = f"{self.key}[{start}:{stop}]"
+        return part
+
+    def build(self, index: int) -> Any:
+        return self.fn(self.client_ids[index])
+
+    def __repr__(self) -> str:
+        return f"ClientData({getattr(self.fn, '__name__', 'fn')}, {len(self)} clients, {self.element_type})"

@@ -1,0 +1,25 @@
+"""Executors: one per module, interfaces in `executor_base`.
+
+    executor_base                 Executor, ExecutorValue (the contract)
+    eager_tf_executor             EagerTFExecutor: the TensorFlow leaf
+    reference_resolving_executor  lambdas, blocks, references, structs
+    federating_executor           placements + intrinsics over client shards
+    client_shard                  the per-shard half of every intrinsic
+"""
+
+from mp_executors.executors.client_shard import BLOCK_SIZE, ClientShard
+from mp_executors.executors.eager_tf_executor import EagerTFExecutor
+from mp_executors.executors.executor_base import Executor, ExecutorValue
+from mp_executors.executors.federating_executor import FederatingExecutor, InProcessShard
+from mp_executors.executors.reference_resolving_executor import ReferenceResolvingExecutor
+
+__all__ = [
+    "BLOCK_SIZE",
+    "ClientShard",
+    "EagerTFExecutor",
+    "Executor",
+    "ExecutorValue",
+    "FederatingExecutor",
+    "InProcessShard",
+    "ReferenceResolvingExecutor",
+]

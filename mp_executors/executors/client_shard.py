@@ -1,0 +1,372 @@
+"""`ClientShard`: the values of a contiguous range of clients, and the
+per-shard half of every intrinsic.
+
+The same class runs in-process (under `local_executor_factory`, one shard per
+group of at most `max_fanout` clients) and inside every worker process (under
+`mp_executor_factory`, one shard per worker). Because both stacks run this
+code, and reductions are done in a fixed order, the results are bitwise the
+same whatever the number of shards.
+
+A CLIENTS value in a shard is a `ShardValue`: its member type and one *leaf
+column* per tensor/sequence leaf of that type, each column one of
+  Batched(array)    the clients' values stacked on a leading client axis,
+  Broadcast(value)  one value shared by every client (broadcast, federated_value),
+  PerClient(list)   one value per client (datasets, ragged shapes).
+Zipping and selecting are column bookkeeping, no data moves. A `federated_map`
+of a tf_computation over Batched/Broadcast columns is ONE TensorFlow call that
+loops over the clients inside the graph (`tf.map_fn`), which is what makes a
+shard of 500 clients cost ~0.35 ms per client instead of ~1.7 ms.
+
+Fixed reduction order: clients are grouped in global blocks of `BLOCK_SIZE`
+consecutive clients (a shard always starts on a block boundary). Within a
+block, values are folded left to right (elementwise numpy adds, or the user's
+`accumulate`); the shard returns one partial per block, stacked; the parent
+folds the partials of all shards in client order (`merge_partials`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+
+from mp_executors._tf import tf
+from mp_executors.core import building_blocks as bb
+from mp_executors.core import structure
+from mp_executors.core import tensorflow_computation as tfc
+from mp_executors.core import types as t
+from mp_executors.core.client_data import ClientData
+from mp_executors.core.structure import Struct
+from mp_executors.executors.eager_tf_executor import EagerTFExecutor, call_function
+from mp_executors.executors.executor_base import run_sync
+from mp_executors.executors.reference_resolving_executor import ReferenceResolvingExecutor
+
+#: Consecutive clients reduced together before partials are merged. Results do
+#: not depend on the number of shards or workers because every shard boundary
+#: is a multiple of this (see `resources.split_clients`).
+BLOCK_SIZE = 8
+
+
+# --------------------------------------------------------------------------- columns
+
+
+class Batched:
+    __slots__ = ("array",)
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def get(self, i: int) -> Any:
+        return self.array[i]
+
+
+class Broadcast:
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def get(self, i: int) -> Any:
+        return self.value
+
+
+class PerClient:
+    __slots__ = ("items",)
+
+    def __init__(self, items: list):
+        self.items = items
+
+    def get(self, i: int) -> Any:
+        return self.items[i]
+
+
+class ShardValue:
+    """A CLIENTS value of one shard: member type + one column per leaf."""
+
+    __slots__ = ("type", "columns", "size")
+
+    def __init__(self, member_type: t.Type, columns: list, size: int):
+        self.type = member_type
+        self.columns = columns
+        self.size = size
+
+    def client(self, i: int) -> Any:
+        """Client i's value as a rep (a Struct tree of leaves)."""
+        return structure.pack_type(self.type, [c.get(i) for c in self.columns])
+
+    def clients(self) -> list[Any]:
+        return [self.client(i) for i in range(self.size)]
+
+
+def _is_tensor_leaf(leaf_type: t.Type) -> bool:
+    return isinstance(leaf_type, t.TensorType) and leaf_type.dtype != np.dtype(object)
+
+
+def _as_numpy(x: Any) -> Any:
+    return x.numpy() if tf.is_tensor(x) and not isinstance(x, tf.data.Dataset) else x
+
+
+def columns_from_clients(member_type: t.Type, reps: list[Any]) -> list:
+    """Stacks per-client reps into columns (Batched where shapes agree)."""
+    leaf_types = structure.flatten_type(member_type)
+    per_leaf = [[] for _ in leaf_types]
+    for rep in reps:
+        for j, leaf in enumerate(structure.flatten(rep)):
+            per_leaf[j].append(_as_numpy(leaf))
+    columns = []
+    for lt, items in zip(leaf_types, per_leaf):
+        if _is_tensor_leaf(lt) and items and all(np.shape(x) == np.shape(items[0]) for x in items):
+            columns.append(Batched(np.stack([np.asarray(x, dtype=lt.dtype) for x in items])))
+        else:
+            columns.append(PerClient(items))
+    return columns
+
+
+def columns_from_value(member_type: t.Type, rep: Any) -> list:
+    return [Broadcast(_as_numpy(leaf)) for leaf in structure.flatten(rep)]
+
+
+# --------------------------------------------------------------------------- shard
+
+
+class ClientShard:
+    """Holds the values of clients [start, stop) and runs per-shard intrinsics.
+
+    Values are named by integer handles chosen by the parent, so a request
+    never waits for a reply to learn a name. Every public method is one
+    request: the parent sends one per shard per intrinsic.
+    """
+
+    def __init__(self, start: int, stop: int, device: str | None = None):
+        if start % BLOCK_SIZE:
+            raise ValueError(f"a shard must start on a block boundary (multiple of {BLOCK_SIZE}), got {start}.")
+        self.start, self.stop = start, stop
+        self.size = stop - start
+        self.values: dict[int, ShardValue] = {}
+        self.device = device
+        self._leaf_stack = ReferenceResolvingExecutor(EagerTFExecutor(device))
+        self._batched_fns: dict[tuple, Any] = {}
+        self._client_data_cache: dict[str, list] = {}
+
+    # ------------------------------------------------------------------ storage
+
+    def put(self, handle: int, member_type: t.Type, reps: list[Any] | ClientData) -> None:
+        """Stores one value per client of this shard (or builds them from ClientData)."""
+        if isinstance(reps, ClientData):
+            reps = self._build_client_data(reps, member_type)
+        if len(reps) != self.size:
+            raise ValueError(f"shard [{self.start},{self.stop}) got {len(reps)} values for {self.size} clients.")
+        self.values[handle] = ShardValue(member_type, columns_from_clients(member_type, reps), self.size)
+
+    def _build_client_data(self, data: ClientData, member_type: t.Type) -> list:
+        from mp_executors.core import values  # noqa: PLC0415
+
+        cached = self._client_data_cache.get(data.key)
+        if cached is None:
+            cached = []
+            for i in range(len(data)):
+                path = f"ClientData client {data.client_ids[i]!r}"
+                cached.append(values.to_representation(data.build(i), member_type, path))
+            self._client_data_cache[data.key] = cached
+        return cached
+
+    def put_all_equal(self, handle: int, member_type: t.Type, rep: Any) -> None:
+        """Stores one value shared by all clients of the shard (a broadcast)."""
+        self.values[handle] = ShardValue(member_type, columns_from_value(member_type, rep), self.size)
+
+    def get(self, handle: int) -> list[Any]:
+        """Every client's value, as numpy reps (for `compute()`)."""
+        return [structure.map_structure(_as_numpy, v) for v in self.values[handle].clients()]
+
+    def get_first(self, handle: int) -> Any:
+        return structure.map_structure(_as_numpy, self.values[handle].client(0))
+
+    def release(self, handles: list[int]) -> None:
+        for h in handles:
+            self.values.pop(h, None)
+
+    def clear(self) -> None:
+        self.values.clear()
+
+    # ------------------------------------------------------------------ structure
+
+    def zip(self, handle: int, parts: list[tuple[str | None, int]], container: type | None) -> None:
+        vals = [(n, self.values[h]) for n, h in parts]
+        member = t.StructType([(n, v.type) for n, v in vals], container)
+        columns = [c for _, v in vals for c in v.columns]
+        self.values[handle] = ShardValue(member, columns, self.size)
+
+    def select(self, handle: int, source: int, index: int) -> None:
+        value = self.values[source]
+        leaf_counts = [len(structure.flatten_type(e)) for e in value.type]
+        begin = sum(leaf_counts[:index])
+        self.values[handle] = ShardValue(
+            value.type[index], value.columns[begin : begin + leaf_counts[index]], self.size
+        )
+
+    # ------------------------------------------------------------------ computation
+
+    def eval(self, handle: int, fn: bb.BuildingBlock) -> None:
+        """federated_eval at CLIENTS: calls a no-argument function once per client."""
+        with self._device_scope():
+            outputs = [self._apply(fn, None) for _ in range(self.size)]
+        self.values[handle] = ShardValue(fn.type_signature.result, columns_from_clients(fn.type_signature.result, outputs), self.size)
+
+    def map(self, handle: int, fn: bb.BuildingBlock, source: int) -> None:
+        """federated_map: applies `fn` to every client's value of `source`."""
+        value = self.values[source]
+        result_type = fn.type_signature.result
+        with self._device_scope():
+            columns = self._map_columns(fn, value, result_type)
+        self.values[handle] = ShardValue(result_type, columns, self.size)
+
+    def _device_scope(self):
+        return tf.device(self.device) if self.device else contextlib.nullcontext()
+
+    def _map_columns(self, fn: bb.BuildingBlock, value: ShardValue, result_type: t.Type) -> list:
+        if self._can_batch(fn, value):
+            columns = self._map_batched(fn, value)
+        else:
+            outputs = [self._apply(fn, value.client(i)) for i in range(self.size)]
+            columns = columns_from_clients(result_type, outputs)
+        return columns
+
+    def _apply(self, fn: bb.BuildingBlock, arg: Any) -> Any:
+        if isinstance(fn, bb.CompiledComputation):
+            return call_function(fn, arg)
+        stack = self._leaf_stack
+        fn_value = run_sync(stack.create_value(fn))
+        arg_value = None if arg is None else run_sync(stack.create_value(arg, fn.type_signature.parameter))
+        return run_sync(run_sync(stack.create_call(fn_value, arg_value)).compute())
+
+    def _can_batch(self, fn: bb.BuildingBlock, value: ShardValue) -> bool:
+        if not isinstance(fn, bb.CompiledComputation) or self.size < 2:
+            return False
+        if not all(isinstance(c, (Batched, Broadcast)) for c in value.columns):
+            return False
+        if not any(isinstance(c, Batched) for c in value.columns):
+            return False
+        leaves = structure.flatten_type(value.type) + structure.flatten_type(fn.type_signature.result)
+        return all(_is_tensor_leaf(lt) and lt.is_fully_defined for lt in leaves)
+
+    def _map_batched(self, fn: bb.CompiledComputation, value: ShardValue) -> list:
+        mask = tuple(isinstance(c, Batched) for c in value.columns)
+        key = (fn.function.digest, mask)
+        batched_fn = self._batched_fns.get(key)
+        if batched_fn is None:
+            batched_fn = _make_batched_map(tfc.load(fn.function), mask)
+            self._batched_fns[key] = batched_fn
+        leaf_types = structure.flatten_type(value.type)
+        mapped, fixed = [], []
+        for column, lt in zip(value.columns, leaf_types):
+            if isinstance(column, Batched):
+                mapped.append(tf.constant(column.array, tfc.tf_dtype(lt.dtype)))
+            else:
+                fixed.append(tf.constant(column.value, tfc.tf_dtype(lt.dtype)))
+        outputs = batched_fn(mapped, fixed)
+        return [Batched(o.numpy()) for o in outputs]
+
+    # ------------------------------------------------------------------ reductions
+
+    def _blocks(self) -> list[tuple[int, int]]:
+        return [(b, min(b + BLOCK_SIZE, self.size)) for b in range(0, self.size, BLOCK_SIZE)]
+
+    def reduce(self, op: str, handle: int, weight: int | None = None) -> Any:
+        """Per-block partials of sum / weighted sum / min / max, stacked per leaf.
+
+        Returns a Struct tree (the member's shape) whose leaves have a leading
+        block axis; for 'weighted_sum' a pair (sum of w*v, sum of w).
+        """
+        value = self.values[handle]
+        leaf_types = structure.flatten_type(value.type)
+        if op == "weighted_sum":
+            w = _column_array(self.values[weight].columns[0], self.size)
+            leaves = [
+                _fold_blocks(_column_array(c, self.size) * w.astype(lt.dtype).reshape((-1,) + (1,) * len(lt.shape)), np.add)
+                for c, lt in zip(value.columns, leaf_types)
+            ]
+            weights = _fold_blocks(w.astype(leaf_types[0].dtype), np.add)
+            return Struct.unnamed(structure.pack_type(value.type, leaves), weights)
+        ufunc = {"sum": np.add, "min": np.minimum, "max": np.maximum}[op]
+        leaves = [_fold_blocks(_column_array(c, self.size), ufunc) for c in value.columns]
+        return structure.pack_type(value.type, leaves)
+
+    def aggregate(self, handle: int, zero: Any, accumulate: bb.BuildingBlock) -> list[Any]:
+        """Per-block partials of federated_aggregate: fold `accumulate` from `zero`."""
+        value = self.values[handle]
+        partials = []
+        for begin, end in self._blocks():
+            acc = zero
+            for i in range(begin, end):
+                acc = structure.map_structure(_as_numpy, self._apply(accumulate, Struct.unnamed(acc, value.client(i))))
+            partials.append(acc)
+        return partials
+
+    def num_clients(self) -> int:
+        return self.size
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _column_array(column: Any, size: int) -> np.ndarray:
+    if isinstance(column, Batched):
+        return column.array
+    if isinstance(column, Broadcast):
+        return np.broadcast_to(np.asarray(column.value), (size,) + np.shape(column.value))
+    return np.stack([np.asarray(x) for x in column.items])
+
+
+def _fold_blocks(array: np.ndarray, ufunc) -> np.ndarray:
+    """Left fold of consecutive rows within each block; returns [num_blocks, ...].
+
+    Row j of every block is combined in the same order (((x0 op x1) op x2)...),
+    vectorised across blocks: elementwise IEEE operations, so the result of a
+    block does not depend on how many blocks are computed together.
+    """
+    n = array.shape[0]
+    full, rest = divmod(n, BLOCK_SIZE)
+    parts = []
+    if full:
+        blocks = array[: full * BLOCK_SIZE].reshape((full, BLOCK_SIZE) + array.shape[1:])
+        acc = np.array(blocks[:, 0])
+        for j in range(1, BLOCK_SIZE):
+            acc = ufunc(acc, blocks[:, j])
+        parts.append(acc)
+    if rest:
+        tail = array[full * BLOCK_SIZE :]
+        acc = np.array(tail[0])
+        for j in range(1, rest):
+            acc = ufunc(acc, tail[j])
+        parts.append(acc[None])
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _make_batched_map(loaded: tfc.LoadedFunction, mask: tuple[bool, ...]):
+    """One tf.function that applies `loaded` to every client inside the graph."""
+    out_sig = [tf.TensorSpec(lt.shape, tfc.tf_dtype(lt.dtype)) for lt in loaded.result_leaves]
+
+    @tf.function(reduce_retracing=True)
+    def run(mapped, fixed):
+        def body(xs):
+            it_m, it_f = iter(xs), iter(fixed)
+            args = [next(it_m) if m else next(it_f) for m in mask]
+            return list(loaded.pruned(*args))
+
+        return tf.map_fn(body, tuple(mapped), fn_output_signature=out_sig)
+
+    return run
+
+
+def merge_partials(partials: list[Any], ufunc=np.add) -> Any:
+    """Folds stacked block partials (from shards, in client order) left to right."""
+    stacked = structure.map_structure(lambda *xs: np.concatenate(xs), *partials) if len(partials) > 1 else partials[0]
+
+    def fold(x):
+        acc = np.array(x[0])
+        for k in range(1, x.shape[0]):
+            acc = ufunc(acc, x[k])
+        return acc
+
+    return structure.map_structure(fold, stacked)

@@ -1,0 +1,1 @@
+"""Executor factories: the only place that knows how execution stacks are composed."""
