@@ -28,10 +28,9 @@ import mp_executors as mpx  # noqa: E402
 # (default_num_clients, max_fanout, server_device, client_devices).
 FACTORY_BUILDERS: dict[str, Callable[..., Any]] = {
     "local": lambda **kwargs: mpx.local_executor_factory(**kwargs),
-    # Enable once mp_executor_factory lands:
-    # "mp-1": lambda **kwargs: mpx.mp_executor_factory(num_workers=1, **kwargs),
-    # "mp-2": lambda **kwargs: mpx.mp_executor_factory(num_workers=2, **kwargs),
-    # "mp-3": lambda **kwargs: mpx.mp_executor_factory(num_workers=3, **kwargs),
+    "mp-1": lambda **kwargs: mpx.mp_executor_factory(num_workers=1, **kwargs),
+    "mp-2": lambda **kwargs: mpx.mp_executor_factory(num_workers=2, **kwargs),
+    "mp-3": lambda **kwargs: mpx.mp_executor_factory(num_workers=3, **kwargs),
 }
 
 

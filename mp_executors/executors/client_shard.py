@@ -47,6 +47,11 @@ from mp_executors.executors.reference_resolving_executor import ReferenceResolvi
 #: is a multiple of this (see `resources.split_clients`).
 BLOCK_SIZE = 8
 
+#: Client data built from `ClientData` descriptions, by description key and
+#: client range: it stays resident across calls (and across the executors a
+#: worker hosts), so a simulation's data is built once per process.
+_CLIENT_DATA_CACHE: dict[str, list] = {}
+
 
 # --------------------------------------------------------------------------- columns
 
@@ -147,7 +152,6 @@ class ClientShard:
         self.device = device
         self._leaf_stack = ReferenceResolvingExecutor(EagerTFExecutor(device))
         self._batched_fns: dict[tuple, Any] = {}
-        self._client_data_cache: dict[str, list] = {}
 
     # ------------------------------------------------------------------ storage
 
@@ -162,14 +166,21 @@ class ClientShard:
     def _build_client_data(self, data: ClientData, member_type: t.Type) -> list:
         from mp_executors.core import values  # noqa: PLC0415
 
-        cached = self._client_data_cache.get(data.key)
+        cached = _CLIENT_DATA_CACHE.get(data.key)
         if cached is None:
             cached = []
             for i in range(len(data)):
                 path = f"ClientData client {data.client_ids[i]!r}"
                 cached.append(values.to_representation(data.build(i), member_type, path))
-            self._client_data_cache[data.key] = cached
+            _CLIENT_DATA_CACHE[data.key] = cached
         return cached
+
+    def put_columns(self, handle: int, member_type: t.Type, columns: list) -> None:
+        """Stores values that arrive already stacked in columns (from a worker pool)."""
+        for column in columns:
+            if isinstance(column, Batched) and column.array.shape[0] != self.size:
+                raise ValueError(f"shard [{self.start},{self.stop}) got {column.array.shape[0]} values for {self.size} clients.")
+        self.values[handle] = ShardValue(member_type, columns, self.size)
 
     def put_all_equal(self, handle: int, member_type: t.Type, rep: Any) -> None:
         """Stores one value shared by all clients of the shard (a broadcast)."""

@@ -1,2 +1,106 @@
-"""placeholder, replaced by the worker-pool factory."""
-from mp_executors.factories.local import local_executor_factory as mp_executor_factory  # noqa: F401
+"""`mp_executor_factory`: the worker-pool stack.
+
+    ReferenceResolvingExecutor
+      -> FederatingExecutor                    (in the parent: SERVER values, merges)
+           server: EagerTFExecutor(server_device)
+           clients: RemoteShards, one per worker process of a WorkerPool,
+                    each worker pinned to its CPUs / GPU, holding its shard
+
+The pool is sized when a call arrives (`resources.plan_pool` from the
+inferred number of clients and the machine), started lazily, kept warm
+across calls, and resized when a later call's client count needs a
+different plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from mp_executors.executors.client_shard import BLOCK_SIZE
+from mp_executors.executors.eager_tf_executor import EagerTFExecutor
+from mp_executors.executors.federating_executor import FederatingExecutor
+from mp_executors.executors.reference_resolving_executor import ReferenceResolvingExecutor
+from mp_executors.factories.base import CachingExecutorFactory
+from mp_executors.factories.local import check_common_arguments
+from mp_executors.resources import PoolPlan, detect_machine, plan_pool, split_clients
+from mp_executors.workers.pool import WorkerPool
+
+logger = logging.getLogger("mp_executors")
+
+
+class MpExecutorFactory(CachingExecutorFactory):
+    def __init__(self, default_num_clients: int = 0, max_fanout: int = 100, server_device: str | None = None,
+                 client_devices: Sequence[str] = (), *, num_workers: int | None = None,
+                 threads_per_worker: int | None = None, devices: Any = "auto", workers_per_gpu: int = 1,
+                 memory_per_worker: int | str | None = None, start_method: str | None = None, machine=None):
+        super().__init__(default_num_clients)
+        check_common_arguments(max_fanout, server_device, client_devices)
+        self.max_fanout = max_fanout
+        self.server_device = server_device
+        self.client_devices = tuple(client_devices)
+        self._machine = machine
+        self._plan_args = dict(
+            num_workers=num_workers, threads_per_worker=threads_per_worker, devices=devices,
+            workers_per_gpu=workers_per_gpu, memory_per_worker=memory_per_worker,
+        )
+        # Validate every sizing argument now, before any call dispatches work.
+        self.plan(max(num_workers or 1, 1) if isinstance(num_workers, int) else 1)
+        self.pool = WorkerPool(start_method)
+
+    def plan(self, num_clients: int) -> PoolPlan:
+        """The pool plan this factory would use for `num_clients` clients."""
+        machine = self._machine or detect_machine()
+        return plan_pool(num_clients, machine=machine, **self._plan_args)
+
+    def _build(self, num_clients: int) -> ReferenceResolvingExecutor:
+        shards = []
+        if num_clients:
+            plan = self.plan(num_clients)
+            current = self.pool.plan
+            if current is None or current.slots != plan.slots:
+                if current is not None:
+                    logger.info("mp_executors: resizing the pool from %d to %d workers for %d clients",
+                                len(current.slots), plan.num_workers, num_clients)
+                    self._drop_cached_executors()
+                self.pool.resize(plan)
+            ranges = split_clients(num_clients, plan.num_workers, BLOCK_SIZE)
+            shards = self.pool.open_shards(ranges)
+        return ReferenceResolvingExecutor(FederatingExecutor(EagerTFExecutor(self.server_device), shards, num_clients))
+
+    def _drop_cached_executors(self) -> None:
+        # Their shards live in workers that are about to change.
+        executors, self._executors = list(self._executors.values()), type(self._executors)()
+        for executor in executors:
+            executor.close()
+
+    def close(self) -> None:
+        super().close()
+        self.pool.close()
+
+
+def mp_executor_factory(default_num_clients: int = 0, max_fanout: int = 100, server_device: str | None = None,
+                        client_devices: Sequence[str] = (), *, num_workers: int | None = None,
+                        threads_per_worker: int | None = None, devices: Any = "auto", workers_per_gpu: int = 1,
+                        memory_per_worker: int | str | None = None, start_method: str | None = None,
+                        ) -> MpExecutorFactory:
+    """The worker-pool execution stack: clients sharded over pinned processes.
+
+    The first four arguments mean what they mean for `local_executor_factory`
+    (swapping one factory for the other is a one-word change). The rest size
+    and place the pool; `None`/'auto' means "decide from the machine":
+
+      num_workers: worker processes (default: min(clients, CPUs / threads,
+        memory / memory_per_worker, GPUs x workers_per_gpu)).
+      threads_per_worker: TensorFlow intra-op threads (and CPUs) per worker.
+      devices: 'auto' (GPUs if any), 'cpu', 'gpu', or a list of GPU ids.
+      workers_per_gpu: workers sharing one GPU.
+      memory_per_worker: bytes or '2GB' for the memory bound (default 1 GiB).
+      start_method: 'loky' (default) or 'spawn'.
+    """
+    return MpExecutorFactory(
+        default_num_clients, max_fanout, server_device, client_devices, num_workers=num_workers,
+        threads_per_worker=threads_per_worker, devices=devices, workers_per_gpu=workers_per_gpu,
+        memory_per_worker=memory_per_worker, start_method=start_method,
+    )

@@ -1,0 +1,1 @@
+"""The worker pool: worker processes (`worker`), their management (`pool`), data movement (`transport`)."""

@@ -1,0 +1,125 @@
+"""Moving client columns from the parent to a worker.
+
+A CLIENTS argument arrives as one value per client. The parent stacks each
+leaf into one array per shard (`client_shard.columns_from_clients`) and, for
+arrays of at least `SHARED_MEMORY_THRESHOLD` bytes, writes it straight into a
+POSIX shared-memory segment: the request then carries only the segment's name,
+shape and dtype, and the worker copies it out once (FACTS: ~160 ms per
+100 MiB instead of ~580 ms as a pickled argument). The parent unlinks the
+segment as soon as the request has completed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from typing import Any
+
+import numpy as np
+
+SHARED_MEMORY_THRESHOLD = 1 << 20
+
+
+@dataclass(frozen=True)
+class SharedArray:
+    """A picklable reference to an array in a shared-memory segment."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class Segments:
+    """The segments a request created; released once the request is done."""
+
+    def __init__(self):
+        self._segments: list[shared_memory.SharedMemory] = []
+
+    def stack(self, items: list[Any], dtype: np.dtype) -> SharedArray | np.ndarray:
+        first = np.asarray(items[0])
+        shape = (len(items),) + first.shape
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if nbytes < SHARED_MEMORY_THRESHOLD:
+            return np.stack([np.asarray(x, dtype=dtype) for x in items])
+        segment = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
+        self._segments.append(segment)
+        out = np.ndarray(shape, dtype=dtype, buffer=segment.buf)
+        np.stack([np.asarray(x) for x in items], out=out, dtype=dtype, casting="same_kind")
+        del out
+        return SharedArray(segment.name, shape, np.dtype(dtype).str)
+
+    def release(self) -> None:
+        for segment in self._segments:
+            segment.close()
+            try:
+                segment.unlink()
+            except FileNotFoundError:
+                pass
+        self._segments = []
+
+
+def read_shared(ref: SharedArray) -> np.ndarray:
+    """Copies a shared array into this process's memory (and detaches)."""
+    segment = shared_memory.SharedMemory(name=ref.name)
+    try:
+        view = np.ndarray(ref.shape, dtype=np.dtype(ref.dtype), buffer=segment.buf)
+        array = np.array(view)
+        del view
+    finally:
+        segment.close()
+    return array
+
+
+def encode_columns(member_type: Any, reps: list[Any], segments: Segments) -> list[tuple[str, Any]]:
+    """Per-client reps -> columns ready to send: ('batched', array|SharedArray) or ('per_client', list)."""
+    from mp_executors.core import structure  # noqa: PLC0415
+    from mp_executors.core import types as t  # noqa: PLC0415
+    from mp_executors.executors.client_shard import _is_tensor_leaf  # noqa: PLC0415
+
+    leaf_types = structure.flatten_type(member_type)
+    per_leaf: list[list[Any]] = [[] for _ in leaf_types]
+    for rep in reps:
+        for j, leaf in enumerate(structure.flatten(rep)):
+            per_leaf[j].append(leaf)
+    columns = []
+    for lt, items in zip(leaf_types, per_leaf):
+        if _is_tensor_leaf(lt) and items and all(np.shape(x) == np.shape(items[0]) for x in items):
+            columns.append(("batched", segments.stack(items, lt.dtype)))
+        elif isinstance(lt, t.SequenceType):
+            columns.append(("datasets", (lt, [dataset_to_graph(ds, lt) for ds in items])))
+        else:
+            columns.append(("per_client", items))
+    return columns
+
+
+def dataset_to_graph(dataset: Any, sequence_type: Any) -> bytes:
+    """A dataset as its serialized graph: it pickles, and rebuilds anywhere."""
+    from mp_executors._tf import tf  # noqa: PLC0415
+    from mp_executors.core import tensorflow_computation as tfc  # noqa: PLC0415
+
+    dataset = tfc.as_dataset(dataset, sequence_type)
+    graph = tf.raw_ops.DatasetToGraphV2(input_dataset=dataset._variant_tensor, external_state_policy=1)
+    return graph.numpy()
+
+
+def dataset_from_graph(graph: bytes, sequence_type: Any) -> Any:
+    from mp_executors._tf import tf  # noqa: PLC0415
+    from mp_executors.core import tensorflow_computation as tfc  # noqa: PLC0415
+
+    variant = tf.raw_ops.DatasetFromGraph(graph_def=graph)
+    return tf.data.experimental.from_variant(variant, tfc.element_spec(sequence_type.element))
+
+
+def decode_columns(columns: list[tuple[str, Any]]) -> list[Any]:
+    from mp_executors.executors.client_shard import Batched, PerClient  # noqa: PLC0415
+
+    decoded = []
+    for kind, payload in columns:
+        if kind == "batched":
+            decoded.append(Batched(read_shared(payload) if isinstance(payload, SharedArray) else payload))
+        elif kind == "datasets":
+            sequence_type, graphs = payload
+            decoded.append(PerClient([dataset_from_graph(g, sequence_type) for g in graphs]))
+        else:
+            decoded.append(PerClient(payload))
+    return decoded

@@ -1,0 +1,100 @@
+"""The worker service: what runs inside each worker process.
+
+A worker hosts `ClientShard`s (one per executor the parent has built, named
+by a shard id) and answers one request per intrinsic with `handle()`. It is
+started by `initialize(slot)`, which pins the process to its CPUs and applies
+its thread and GPU settings BEFORE TensorFlow is imported: TensorFlow sizes
+its thread pools from the affinity mask and reads CUDA_VISIBLE_DEVICES once.
+
+Nothing here imports TensorFlow at module level: loky unpickles this module's
+functions in a fresh worker before `initialize` has pinned it.
+
+This module is transport-agnostic: the loky pool (`workers.pool`) calls these
+functions; so could an actor of a distributed engine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+_shards: dict[int, Any] = {}
+_slot_index: int | None = None
+
+
+def initialize(slot_index: int, cpus: tuple[int, ...], env: dict[str, str]) -> None:
+    """Pins this process, applies the slot's environment, imports TensorFlow."""
+    global _slot_index
+    _slot_index = slot_index
+    os.environ.update(env)
+    if cpus:
+        try:
+            import psutil  # noqa: PLC0415
+
+            psutil.Process().cpu_affinity(list(cpus))
+        except (AttributeError, OSError, ValueError):  # macOS has no affinity; a CPU may be gone
+            pass
+    from mp_executors._tf import import_tensorflow  # noqa: PLC0415 - after pinning, on purpose
+
+    tf = import_tensorflow()
+    # Explicitly too: the env variables are not reflected by tf.config's getters.
+    intra = int(env.get("TF_NUM_INTRAOP_THREADS", "0") or 0)
+    inter = int(env.get("TF_NUM_INTEROP_THREADS", "0") or 0)
+    if intra:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+    if inter:
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    if env.get("CUDA_VISIBLE_DEVICES"):
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
+    from mp_executors.executors import client_shard  # noqa: F401, PLC0415 - warm the imports
+
+
+def open_shard(shard_id: int, start: int, stop: int, device: str | None = None) -> None:
+    from mp_executors.executors.client_shard import ClientShard  # noqa: PLC0415
+
+    _shards[shard_id] = ClientShard(start, stop, device)
+
+
+def close_shard(shard_id: int) -> None:
+    _shards.pop(shard_id, None)
+
+
+def handle(shard_id: int, releases: list[int], method: str, args: tuple) -> Any:
+    """Runs one request on one shard: release stale handles, then `method(*args)`."""
+    shard = _shards[shard_id]
+    if releases:
+        shard.release(releases)
+    if method == "put_columns":
+        return shard.put_columns(*_attach_columns(args))
+    result = getattr(shard, method)(*args)
+    return result
+
+
+def _attach_columns(args: tuple) -> tuple:
+    from mp_executors.workers import transport  # noqa: PLC0415
+
+    handle_id, member_type, columns = args
+    return handle_id, member_type, transport.decode_columns(columns)
+
+
+def report() -> dict[str, Any]:
+    """Where and how this worker runs (for tests, `mp-executors info`, logs)."""
+    import psutil  # noqa: PLC0415
+
+    tf = sys.modules.get("tensorflow")
+    proc = psutil.Process()
+    info = {
+        "slot": _slot_index,
+        "pid": os.getpid(),
+        "cpu_affinity": proc.cpu_affinity() if hasattr(proc, "cpu_affinity") else None,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "rss": proc.memory_info().rss,
+        "tensorflow_imported": tf is not None,
+        "shards": sorted(_shards),
+    }
+    if tf is not None:
+        info["intra_op_threads"] = tf.config.threading.get_intra_op_parallelism_threads()
+        info["inter_op_threads"] = tf.config.threading.get_inter_op_parallelism_threads()
+    return info
