@@ -57,10 +57,35 @@ _CLIENT_DATA_CACHE: dict[str, list] = {}
 
 
 class Batched:
-    __slots__ = ("array",)
+    """Stacked client values; kept both as numpy and (lazily) as an eager tensor.
 
-    def __init__(self, array: np.ndarray):
-        self.array = array
+    The tensor is made once and reused by every later map over the column
+    (converting 150 MB of client data per call would cost more than the
+    map); for CPU tensors `.numpy()` shares the buffer, so holding both is free.
+    """
+
+    __slots__ = ("_array", "_tensor")
+
+    def __init__(self, array: Any):
+        if tf.is_tensor(array):
+            self._array, self._tensor = None, array
+        else:
+            self._array, self._tensor = array, None
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = self._tensor.numpy()
+        return self._array
+
+    def tensor(self, dtype) -> Any:
+        if self._tensor is None or self._tensor.dtype != dtype:
+            self._tensor = tf.convert_to_tensor(self._array, dtype)
+        return self._tensor
+
+    @property
+    def size(self) -> int:
+        return (self._array if self._array is not None else self._tensor).shape[0]
 
     def get(self, i: int) -> Any:
         return self.array[i]
@@ -178,8 +203,8 @@ class ClientShard:
     def put_columns(self, handle: int, member_type: t.Type, columns: list) -> None:
         """Stores values that arrive already stacked in columns (from a worker pool)."""
         for column in columns:
-            if isinstance(column, Batched) and column.array.shape[0] != self.size:
-                raise ValueError(f"shard [{self.start},{self.stop}) got {column.array.shape[0]} values for {self.size} clients.")
+            if isinstance(column, Batched) and column.size != self.size:
+                raise ValueError(f"shard [{self.start},{self.stop}) got {column.size} values for {self.size} clients.")
         self.values[handle] = ShardValue(member_type, columns, self.size)
 
     def put_all_equal(self, handle: int, member_type: t.Type, rep: Any) -> None:
@@ -272,11 +297,11 @@ class ClientShard:
         mapped, fixed = [], []
         for column, lt in zip(value.columns, leaf_types):
             if isinstance(column, Batched):
-                mapped.append(tf.constant(column.array, tfc.tf_dtype(lt.dtype)))
+                mapped.append(column.tensor(tfc.tf_dtype(lt.dtype)))
             else:
                 fixed.append(tf.constant(column.value, tfc.tf_dtype(lt.dtype)))
         outputs = batched_fn(mapped, fixed)
-        return [Batched(o.numpy()) for o in outputs]
+        return [Batched(o) for o in outputs]
 
     # ------------------------------------------------------------------ reductions
 

@@ -44,7 +44,7 @@ class Segments:
         segment = shared_memory.SharedMemory(create=True, size=max(nbytes, 1))
         self._segments.append(segment)
         out = np.ndarray(shape, dtype=dtype, buffer=segment.buf)
-        np.stack([np.asarray(x) for x in items], out=out, dtype=dtype, casting="same_kind")
+        np.stack([np.asarray(x) for x in items], out=out, casting="same_kind")
         del out
         return SharedArray(segment.name, shape, np.dtype(dtype).str)
 
@@ -58,16 +58,23 @@ class Segments:
         self._segments = []
 
 
-def read_shared(ref: SharedArray) -> np.ndarray:
-    """Copies a shared array into this process's memory (and detaches)."""
+def read_shared(ref: SharedArray) -> Any:
+    """An eager tensor holding a copy of a shared array (then detaches).
+
+    One copy (out of the segment); TensorFlow then aliases that buffer, so
+    the shard's maps and numpy views of the column cost nothing more.
+    """
+    from mp_executors._tf import tf  # noqa: PLC0415 - workers have TF loaded already
+
     segment = shared_memory.SharedMemory(name=ref.name)
     try:
         view = np.ndarray(ref.shape, dtype=np.dtype(ref.dtype), buffer=segment.buf)
-        array = np.array(view)
+        # Copy out of the segment first: TensorFlow may alias a numpy buffer.
+        tensor = tf.convert_to_tensor(np.array(view))
         del view
     finally:
         segment.close()
-    return array
+    return tensor
 
 
 def encode_columns(member_type: Any, reps: list[Any], segments: Segments) -> list[tuple[str, Any]]:

@@ -93,6 +93,7 @@ def report() -> dict[str, Any]:
         "rss": proc.memory_info().rss,
         "tensorflow_imported": tf is not None,
         "shards": sorted(_shards),
+        "modules": len(sys.modules),
     }
     if tf is not None:
         info["intra_op_threads"] = tf.config.threading.get_intra_op_parallelism_threads()

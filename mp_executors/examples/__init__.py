@@ -1,0 +1,1 @@
+"""Small runnable examples built only from the public API."""
