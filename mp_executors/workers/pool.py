@@ -71,6 +71,8 @@ class WorkerSlotProcess:
             env=env,
         )
         self.started = time.perf_counter()
+        # Digests of the compiled computations this worker process has received.
+        self.known_functions: set[str] = set()
 
     def submit(self, fn, *args) -> Any:
         return self.executor.submit(fn, *args)
@@ -176,8 +178,9 @@ class RemoteShard:
             segments = transport.Segments()
             handle, member_type, reps = args
             method, args = "put_columns", (handle, member_type, transport.encode_columns(member_type, reps, segments))
+        args, new_functions = transport.strip_known_functions(args, self.slot.known_functions)
         self.pool.requests += 1
-        future = self.slot.submit(worker.handle, self.shard_id, releases, method, args)
+        future = self.slot.submit(worker.handle, self.shard_id, releases, method, args, new_functions)
         try:
             return await asyncio.wrap_future(future)
         finally:

@@ -130,3 +130,82 @@ def decode_columns(columns: list[tuple[str, Any]]) -> list[Any]:
         else:
             decoded.append(PerClient(payload))
     return decoded
+
+
+# --------------------------------------------------------------------------- functions
+
+
+@dataclass(frozen=True)
+class FunctionRef:
+    """Stands for a TensorFlowFunction the worker has already received."""
+
+    digest: str
+
+
+def _rebuild(node: Any, replace) -> Any:
+    """Copies an AST, passing every CompiledComputation's function through `replace`."""
+    from mp_executors.core import building_blocks as bb  # noqa: PLC0415
+
+    if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
+        return type(node)(_rebuild(x, replace) for x in node)
+    if not isinstance(node, bb.BuildingBlock):
+        return node
+    if isinstance(node, bb.CompiledComputation):
+        copy = object.__new__(bb.CompiledComputation)
+        copy.function, copy.type_signature = replace(node.function), node.type_signature
+        return copy
+    fields = {
+        bb.Lambda: ("body",), bb.Block: ("locals", "result"), bb.Call: ("function", "argument"),
+        bb.Struct: ("elements",), bb.Selection: ("source",),
+    }.get(type(node))
+    if fields is None:
+        return node
+    copy = object.__new__(type(node))
+    for cls in type(node).__mro__:
+        for slot in getattr(cls, "__slots__", ()):
+            if hasattr(node, slot):
+                object.__setattr__(copy, slot, getattr(node, slot))
+    if isinstance(node, bb.Lambda):
+        copy._free = None
+    for name in fields:
+        value = getattr(node, name)
+        if name in ("locals", "elements"):
+            value = tuple((n, _rebuild(v, replace)) for n, v in value)
+        else:
+            value = _rebuild(value, replace)
+        object.__setattr__(copy, name, value)
+    return copy
+
+
+def strip_known_functions(args: tuple, known: set[str]) -> tuple[tuple, list[Any]]:
+    """Replaces functions the worker has by FunctionRefs; returns (args, new functions).
+
+    A compiled computation therefore crosses to each worker once; later
+    requests carry its 64-character digest.
+    """
+    new: dict[str, Any] = {}
+
+    def replace(function):
+        if function.digest in known:
+            return FunctionRef(function.digest)
+        new[function.digest] = function
+        return FunctionRef(function.digest)
+
+    stripped = _rebuild(args, replace)
+    known.update(new)
+    return stripped, list(new.values())
+
+
+def resolve_functions(args: tuple, registry: dict[str, Any]) -> tuple:
+    def replace(ref):
+        if isinstance(ref, FunctionRef):
+            try:
+                return registry[ref.digest]
+            except KeyError:
+                raise RuntimeError(
+                    f"worker has no compiled computation {ref.digest[:12]}; it was restarted without "
+                    "being sent its functions again (a bug in mp_executors)."
+                ) from None
+        return ref
+
+    return _rebuild(args, replace)

@@ -61,8 +61,20 @@ def close_shard(shard_id: int) -> None:
     _shards.pop(shard_id, None)
 
 
-def handle(shard_id: int, releases: list[int], method: str, args: tuple) -> Any:
-    """Runs one request on one shard: release stale handles, then `method(*args)`."""
+_functions: dict[str, Any] = {}
+
+
+def handle(shard_id: int, releases: list[int], method: str, args: tuple, new_functions: list = ()) -> Any:
+    """Runs one request on one shard: release stale handles, then `method(*args)`.
+
+    `new_functions` are compiled computations this worker has not seen; `args`
+    refer to every compiled computation by digest (`transport.FunctionRef`).
+    """
+    from mp_executors.workers import transport  # noqa: PLC0415
+
+    for function in new_functions:
+        _functions[function.digest] = function
+    args = transport.resolve_functions(args, _functions)
     shard = _shards[shard_id]
     if releases:
         shard.release(releases)
@@ -94,6 +106,7 @@ def report() -> dict[str, Any]:
         "tensorflow_imported": tf is not None,
         "shards": sorted(_shards),
         "modules": len(sys.modules),
+        "functions": sorted(_functions),
     }
     if tf is not None:
         info["intra_op_threads"] = tf.config.threading.get_intra_op_parallelism_threads()
