@@ -20,6 +20,8 @@ Swap the runtime by changing one word: `mpx.set_local_execution_context()`,
 import importlib as _importlib
 import logging as _logging
 
+from mp_executors import _tf as _quiet_tf
+
 # Types and placements are cheap; everything else imports TensorFlow, so it is
 # loaded on first use (PEP 562): `mp-executors info` and worker planning stay
 # free of TensorFlow's import cost.
@@ -34,8 +36,6 @@ from mp_executors.core.types import (
     TensorType,
     Type,
 )
-
-from mp_executors import _tf as _quiet_tf
 
 _quiet_tf.install_import_hook()
 
