@@ -198,29 +198,12 @@ def test_close_stops_every_worker():
     assert alive == {}, f"workers still there 10 s after close(): {_report(alive)}"
 
 
-SIGKILL_BUG = (
-    "BUG: loky 3.7 workers do not notice that their parent died. After SIGKILL of the "
-    "parent they are reparented to PID 1 and block forever in call_queue.get() "
-    "(anon_pipe_read; loky.ProcessPoolExecutor timeout=None), so they leak (~540 MB each). "
-    "workers/pool.py's docstring claims 'loky workers stop when their pipe to the parent "
-    "closes'; they do not (reproduced with a bare loky.ProcessPoolExecutor too). A fix "
-    "needs a parent-death watch in the worker (e.g. prctl(PR_SET_PDEATHSIG) on Linux, or a "
-    "thread in worker.initialize polling os.getppid() against the parent's pid)."
-)
-
-
-@pytest.mark.xfail(strict=True, reason=SIGKILL_BUG)
 def test_sigkilled_parent_workers_exit(scripts):
     workers, _, killed_at = scripts.killed
     alive = wait_gone(workers, max(0.0, 15.0 - (time.monotonic() - killed_at)))
     assert alive == {}, f"workers alive 15 s after their parent was SIGKILLed: {_report(alive)}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="consequence of the bug above: the surviving workers share the script's loky and "
-    "multiprocessing resource trackers and keep their pipes open, so the trackers live on too",
-)
 def test_sigkilled_parent_helper_processes_exit(scripts):
     _, others, killed_at = scripts.killed
     assert others, "expected the script's resource tracker(s) among its children"

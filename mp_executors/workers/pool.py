@@ -30,8 +30,10 @@ The moving parts:
   It counts its round trips (`WorkerPool.requests`), which is how the tests
   check that messages are per worker, not per client.
 - Shutdown: `WorkerPool.close()` (the factory's `close()`, atexit, Ctrl-C)
-  kills and joins every worker. A worker whose parent dies exits by itself:
-  loky workers stop when their pipe to the parent closes.
+  kills and joins every worker. A worker whose parent dies (even by SIGKILL)
+  exits by itself within about a second: loky workers would block on their
+  pipe forever, so `worker.initialize` starts a thread that watches the
+  parent's pid.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -67,7 +70,7 @@ class WorkerSlotProcess:
             max_workers=1,
             context=loky.backend.get_context(start_method),
             initializer=worker.initialize,
-            initargs=(slot.index, tuple(slot.cpus), env),
+            initargs=(slot.index, tuple(slot.cpus), env, os.getpid()),
             env=env,
         )
         self.started = time.perf_counter()

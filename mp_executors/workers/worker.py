@@ -23,10 +23,36 @@ _shards: dict[int, Any] = {}
 _slot_index: int | None = None
 
 
-def initialize(slot_index: int, cpus: tuple[int, ...], env: dict[str, str]) -> None:
+#: How often a worker checks that the parent that started it is still alive.
+PARENT_POLL_SECONDS = 1.0
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    """Ends this worker soon after its parent dies, however the parent died.
+
+    loky workers block on their call pipe with no time limit and do not
+    notice a SIGKILLed parent, so each worker watches for itself: when its
+    parent pid is gone (we have been re-parented), it exits at once.
+    """
+    import threading  # noqa: PLC0415
+
+    def watch():
+        import time  # noqa: PLC0415
+
+        while True:
+            time.sleep(PARENT_POLL_SECONDS)
+            if os.getppid() != parent_pid:
+                os._exit(3)
+
+    threading.Thread(target=watch, name="mp_executors-parent-watch", daemon=True).start()
+
+
+def initialize(slot_index: int, cpus: tuple[int, ...], env: dict[str, str], parent_pid: int | None = None) -> None:
     """Pins this process, applies the slot's environment, imports TensorFlow."""
     global _slot_index
     _slot_index = slot_index
+    if parent_pid is not None:
+        _exit_when_orphaned(parent_pid)
     os.environ.update(env)
     if cpus:
         try:
