@@ -117,11 +117,73 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------
+# run (the main job) and bench (the scaling suite): both live in
+# mp_executors.simulation; TensorFlow is imported only inside the handlers.
+# --------------------------------------------------------------------------
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    from .simulation import job  # noqa: PLC0415 - TF-free: numpy and the types only
+
+    job.add_arguments(p)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .simulation import job  # noqa: PLC0415
+
+    try:
+        return job.run(args)
+    except job.JobError as e:
+        raise UsageError(f"{PROG} run: error: {e}") from None
+
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny sweep (8 and 32 clients, 3 rounds, no peer): a smoke test, < 1 min")
+    p.add_argument("--out", default="bench-results", metavar="DIR",
+                   help="where bench.json, bench.md and the plots go (default: bench-results)")
+    p.add_argument("--rounds", type=int, default=None, metavar="R",
+                   help="rounds per configuration, the first is warm-up (default: 6; 3 with --quick)")
+    p.add_argument("--peer", choices=("auto", "off"), default="auto",
+                   help="auto: also measure TFF 0.87 if its venv exists (default: auto)")
+    p.add_argument("--peer-venv", default=None, metavar="DIR",
+                   help="the TFF venv (default: $MP_EXECUTORS_TFF_VENV or ~/.cache/mp_executors/tff-venv)")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    if args.rounds is not None and args.rounds < 2:
+        raise UsageError(f"{PROG} bench: error: --rounds must be at least 2 (the first is warm-up), got {args.rounds}")
+    from .simulation import bench  # noqa: PLC0415
+
+    command = " ".join([PROG, "bench", *(sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "bench" else [])])
+    out = Path(args.out)
+    doc = bench.run_suite(out, quick=args.quick, rounds=args.rounds, peer=args.peer,
+                          peer_venv=Path(args.peer_venv) if args.peer_venv else None, command=command,
+                          log=lambda line: print(line, flush=True))
+    print()
+    print((out / "bench.md").read_text())
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots in {doc['duration_s']:.0f} s")
+    return 0
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "info": Subcommand(
         "show this machine's resources and the worker pool that would be planned",
         _add_info_arguments,
         _info,
+    ),
+    "run": Subcommand(
+        "the main job: federated averaging on a federated dataset (writes metrics, plots)",
+        _add_run_arguments,
+        _run,
+    ),
+    "bench": Subcommand(
+        "the scaling suite: FedAvg and overhead vs clients and workers (JSON, plots, tables)",
+        _add_bench_arguments,
+        _bench,
     ),
 }
 

@@ -1,0 +1,443 @@
+"""`mp-executors bench`: the scaling suite (JSON + PNG plots + a markdown table).
+
+    mp-executors bench [--quick] [--out DIR] [--rounds R] [--peer auto|off] [--peer-venv DIR]
+
+Workloads (`workloads.py`, FACTS.md "the peer"):
+
+- **fedavg**: one FedAvg round, 784->10 softmax, 100 examples x 784 features per client,
+  5 full-batch steps, at 10 / 100 / 1,000 / 10,000 clients, on
+    floor        plain TF, one `tf.function` over all clients, one process (the lower bound)
+    local        `local_executor_factory`, client data passed each round
+    mp           `mp_executor_factory` (auto-sized), client data passed each round
+    mp-resident  the same pool, client data built in the workers (`mpx.ClientData`)
+    tff          the peer, TFF 0.87's C++ runtime, data passed (only if its venv exists; not
+                 at 10,000 clients: it needs ~3.5 GB per 1,000 clients there)
+- **overhead**: `federated_sum` of one float32 per client, 10 .. 10,000 clients, on local,
+  mp and tff (the per-client cost of the runtime itself).
+- **workers**: FedAvg at 1,000 resident clients on 1, 2, ... up to the usable CPUs workers
+  (strong scaling), against the floor.
+
+Every number is the median of rounds 2..R of one configuration (round 1 is warm-up: pool
+start, graph import, tracing), with min, max and all samples. The 10,000-client points run
+fewer rounds (3) to keep the full suite within ~15 minutes on 2 cores. `--quick` is a tiny
+sweep (8 and 32 clients, 3 rounds, no peer) for tests and smoke checks.
+
+Outputs in DIR: bench.json (everything, plus the machine), bench.md (the tables that go into
+README's performance section: see benchmarks/update_readme.py), fedavg_scaling.png,
+overhead_scaling.png, workers_scaling.png (when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+FEDAVG_RUNTIMES = ("floor", "local", "mp", "mp-resident", "tff")
+OVERHEAD_RUNTIMES = ("local", "mp", "tff")
+DEFAULT_PEER_VENV = Path(os.environ.get("MP_EXECUTORS_TFF_VENV", Path.home() / ".cache/mp_executors/tff-venv"))
+
+
+@dataclass
+class SuiteConfig:
+    fedavg_clients: list[int]
+    overhead_clients: list[int]
+    workers: list[int]
+    workers_clients: int
+    rounds: int
+    big_rounds: int = 3  # rounds at >= big_threshold clients
+    big_threshold: int = 10_000
+    peer_fedavg_max: int = 1000  # the peer needs ~3.5 GB of RSS per 1,000 FedAvg clients
+    local_fedavg_max: int = 10_000
+    name: str = "full"
+    notes: list[str] = field(default_factory=list)
+
+    def rounds_for(self, clients: int) -> int:
+        return min(self.rounds, self.big_rounds) if clients >= self.big_threshold else self.rounds
+
+
+def suite_config(quick: bool, rounds: int | None = None) -> SuiteConfig:
+    cpus = max(1, len(psutil.Process().cpu_affinity()) if hasattr(psutil.Process(), "cpu_affinity")
+               else psutil.cpu_count() or 1)
+    if quick:
+        return SuiteConfig([8, 32], [8, 32], sorted({1, min(2, cpus)}), 32, rounds or 3, name="quick")
+    workers = sorted({1, *[w for w in (2, 4, 8, 16, 32, 64) if w <= cpus], cpus})
+    return SuiteConfig([10, 100, 1000, 10_000], [10, 100, 1000, 10_000], workers, 1000, rounds or 6)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def summarize(samples: list[float]) -> dict:
+    timed = samples[1:] if len(samples) > 1 else samples
+    return {"median": statistics.median(timed), "min": min(timed), "max": max(timed), "samples": samples}
+
+
+def _rss(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def measure(fn: Callable[[], Any], rounds: int, factory: Any = None) -> dict:
+    """Runs `fn` `rounds` times; timing summary plus peak parent/worker RSS after each round."""
+    samples, parent, workers = [], 0, 0
+    pool = getattr(factory, "pool", None)
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+        parent = max(parent, psutil.Process().memory_info().rss)
+        if pool is not None:
+            workers = max(workers, _rss(pool.pids()))
+    return {**summarize(samples), "rounds": rounds, "memory": {"parent_rss": parent, "workers_rss": workers}}
+
+
+class Suite:
+    """Runs the configurations of a SuiteConfig and collects result rows."""
+
+    def __init__(self, cfg: SuiteConfig, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.log = log
+        self.rows: list[dict] = []
+        self._mp = None
+
+    def add(self, workload: str, runtime: str, clients: int, result: dict, **extra: Any) -> None:
+        row = {"workload": workload, "runtime": runtime, "clients": clients, **extra, **result}
+        self.rows.append(row)
+        self.log(f"  {workload:8s} {runtime:12s} {clients:>6d} clients: median {row['median']:.4f} s "
+                 f"(min {row['min']:.4f}, max {row['max']:.4f})")
+
+    def mp_factory(self):
+        import mp_executors as mpx  # noqa: PLC0415
+
+        if self._mp is None:
+            self._mp = mpx.mp_executor_factory()
+        return self._mp
+
+    def close(self) -> None:
+        if self._mp is not None:
+            self._mp.close()
+            self._mp = None
+
+    # ------------------------------------------------------------------ workloads
+
+    def fedavg(self) -> None:
+        import mp_executors as mpx  # noqa: PLC0415
+        from mp_executors.simulation import workloads as W  # noqa: PLC0415
+
+        for n in self.cfg.fedavg_clients:
+            rounds = self.cfg.rounds_for(n)
+            self.log(f"FedAvg, {n} clients, {rounds} rounds")
+            clients = W.make_clients(n)
+
+            self.add("fedavg", "floor", n, self._floor(clients, rounds))
+
+            if n <= self.cfg.local_fedavg_max:
+                with mpx.local_executor_factory() as local:
+                    self.add("fedavg", "local", n, self._fedavg_rounds(local, clients, rounds), workers=0)
+
+            mp = self.mp_factory()
+            self.add("fedavg", "mp", n, self._fedavg_rounds(mp, clients, rounds), workers=mp.plan(n).num_workers)
+            del clients
+            gc.collect()
+            resident = mpx.ClientData(W.make_client, list(range(n)), W.DATA_TYPE)
+            self.add("fedavg", "mp-resident", n, self._fedavg_rounds(mp, resident, rounds),
+                     workers=mp.plan(n).num_workers)
+            # Drop this size's executor (and the workers' resident data) before the next size.
+            mp.clean_up_executor({mpx.CLIENTS: n})
+            del resident
+            gc.collect()
+
+    @staticmethod
+    def _floor(clients: list[dict], rounds: int) -> dict:
+        from mp_executors._tf import tf  # noqa: PLC0415
+        from mp_executors.simulation import workloads as W  # noqa: PLC0415
+
+        run = W.floor_round_fn()
+        xs = tf.constant(np.stack([c["x"] for c in clients]))
+        ys = tf.constant(np.stack([c["y"] for c in clients]))
+        m0 = W.initial_model()
+        return measure(lambda: [t.numpy() for t in run(m0["w"], m0["b"], xs, ys)], rounds)
+
+    def _fedavg_rounds(self, factory, data, rounds: int) -> dict:
+        import mp_executors as mpx  # noqa: PLC0415
+        from mp_executors.simulation import workloads as W  # noqa: PLC0415
+
+        state = {"model": W.initial_model()}
+
+        def one_round():
+            state["model"] = W.fedavg_round(state["model"], data)
+
+        with mpx.execution_context(factory):
+            return measure(one_round, rounds, factory)
+
+    def overhead(self) -> None:
+        import mp_executors as mpx  # noqa: PLC0415
+        from mp_executors.simulation import workloads as W  # noqa: PLC0415
+
+        for n in self.cfg.overhead_clients:
+            rounds = self.cfg.rounds
+            self.log(f"federated_sum, {n} clients, {rounds} rounds")
+            values = list(np.random.default_rng(0).random(n, dtype=np.float32))
+            with mpx.local_executor_factory() as local, mpx.execution_context(local):
+                self.add("overhead", "local", n, measure(lambda v=values: W.overhead_sum(v), rounds), workers=0)
+            mp = self.mp_factory()
+            with mpx.execution_context(mp):
+                self.add("overhead", "mp", n, measure(lambda v=values: W.overhead_sum(v), rounds, mp),
+                         workers=mp.plan(n).num_workers)
+
+    def workers(self) -> None:
+        import mp_executors as mpx  # noqa: PLC0415
+        from mp_executors.simulation import workloads as W  # noqa: PLC0415
+
+        n, rounds = self.cfg.workers_clients, self.cfg.rounds
+        for w in self.cfg.workers:
+            self.log(f"FedAvg, {n} resident clients, {w} worker(s), {rounds} rounds")
+            resident = mpx.ClientData(W.make_client, list(range(n)), W.DATA_TYPE)
+            with mpx.mp_executor_factory(num_workers=w) as factory:
+                self.add("workers", "mp-resident", n, self._fedavg_rounds(factory, resident, rounds), workers=w)
+
+    def peer(self, venv: Path, script: Path, out_dir: Path) -> None:
+        python = venv / "bin" / "python"
+        fedavg = [n for n in self.cfg.fedavg_clients if n <= self.cfg.peer_fedavg_max]
+        out = out_dir / "peer_tff.json"
+        cmd = [str(python), str(script), "--fedavg-clients", ",".join(map(str, fedavg)),
+               "--overhead-clients", ",".join(map(str, self.cfg.overhead_clients)),
+               "--rounds", str(self.cfg.rounds), "--out", str(out)]
+        self.log("peer: " + " ".join(cmd))
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+            self.cfg.notes.append(f"peer (TFF) failed with exit code {proc.returncode}: {tail}")
+            self.log(self.cfg.notes[-1])
+            return
+        doc = json.loads(out.read_text())
+        for row in doc["rows"]:
+            self.rows.append(row)
+            self.log(f"  {row['workload']:8s} tff          {row['clients']:>6d} clients: median {row['median']:.4f} s")
+        self.peer_versions = doc.get("versions", {})
+        self.log(f"peer done in {time.perf_counter() - started:.0f} s")
+
+
+# --------------------------------------------------------------------------- peer discovery
+
+
+def find_peer_script() -> Path | None:
+    """benchmarks/peers/tff_workloads.py of a source checkout (the peer is not packaged)."""
+    candidates = [Path.cwd() / "benchmarks" / "peers" / "tff_workloads.py",
+                  Path(__file__).resolve().parents[2] / "benchmarks" / "peers" / "tff_workloads.py"]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _median(rows: list[dict], workload: str, runtime: str, clients: int) -> float | None:
+    for r in rows:
+        if r["workload"] == workload and r["runtime"] == runtime and r["clients"] == clients:
+            return r["median"]
+    return None
+
+
+def _fmt_s(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{x:.3f} s" if x >= 0.1 else f"{x * 1000:.1f} ms"
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """ours / peer and mp / floor at every client count where both exist."""
+    out = []
+    for workload, ours_list in (("fedavg", ("mp", "mp-resident", "local")), ("overhead", ("mp", "local"))):
+        ns = sorted({r["clients"] for r in rows if r["workload"] == workload})
+        for n in ns:
+            peer = _median(rows, workload, "tff", n)
+            floor = _median(rows, workload, "floor", n)
+            for ours in ours_list:
+                m = _median(rows, workload, ours, n)
+                if m is None:
+                    continue
+                if peer:
+                    out.append({"workload": workload, "clients": n, "ours": ours, "vs": "tff", "ratio": m / peer})
+                if floor:
+                    out.append({"workload": workload, "clients": n, "ours": ours, "vs": "floor", "ratio": m / floor})
+    return out
+
+
+def markdown(doc: dict) -> str:
+    """The tables for README's performance section."""
+    rows = doc["rows"]
+    m = doc["machine"]
+    lines = [
+        f"Measured by `{doc['command']}` on {m['cpus']} CPUs, {m['memory'] / 2**30:.0f} GiB, "
+        f"Python {m['python']}, TensorFlow {m['tensorflow']} ({doc['when']}); "
+        f"median of rounds 2..R ({doc['config']['rounds']} rounds; {doc['config']['big_rounds']} at "
+        f"{doc['config']['big_threshold']:,}+ clients).",
+        "",
+    ]
+    fed_n = sorted({r["clients"] for r in rows if r["workload"] == "fedavg"})
+    if fed_n:
+        lines += ["**FedAvg round** (784→10 softmax, 100 examples × 784 features per client, 5 steps):", "",
+                  "| runtime | " + " | ".join(f"{n:,} clients" for n in fed_n) + " |",
+                  "|---|" + "---|" * len(fed_n)]
+        labels = {"floor": "plain TF, one graph, 1 process (floor)", "local": "mp_executors local",
+                  "mp": "mp_executors mp, data passed each round", "mp-resident": "mp_executors mp, data resident (ClientData)",
+                  "tff": "TFF 0.87 native runtime (peer), data passed"}
+        for rt in FEDAVG_RUNTIMES:
+            if any(r["workload"] == "fedavg" and r["runtime"] == rt for r in rows):
+                lines.append(f"| {labels[rt]} | " + " | ".join(_fmt_s(_median(rows, "fedavg", rt, n)) for n in fed_n) + " |")
+        lines.append("")
+    ov_n = sorted({r["clients"] for r in rows if r["workload"] == "overhead"})
+    if ov_n:
+        lines += ["**Runtime overhead**: `federated_sum` of one float per client, µs per client "
+                  "(round time / clients):", "",
+                  "| runtime | " + " | ".join(f"{n:,} clients" for n in ov_n) + " |",
+                  "|---|" + "---|" * len(ov_n)]
+        for rt in OVERHEAD_RUNTIMES:
+            if any(r["workload"] == "overhead" and r["runtime"] == rt for r in rows):
+                cells = []
+                for n in ov_n:
+                    v = _median(rows, "overhead", rt, n)
+                    cells.append("–" if v is None else f"{v / n * 1e6:.1f}")
+                lines.append(f"| {rt} | " + " | ".join(cells) + " |")
+        lines.append("")
+    wk = [r for r in rows if r["workload"] == "workers"]
+    if wk:
+        n = wk[0]["clients"]
+        floor = _median(rows, "fedavg", "floor", n)
+        base = wk[0]["median"]
+        lines += [f"**Worker scaling**: FedAvg, {n:,} resident clients:", "",
+                  "| workers | round | speed-up vs 1 worker | vs floor |", "|---|---|---|---|"]
+        for r in wk:
+            lines.append(f"| {r['workers']} | {_fmt_s(r['median'])} | {base / r['median']:.2f}× | "
+                         + (f"{r['median'] / floor:.2f}× floor" if floor else "–") + " |")
+        lines.append("")
+    rat = [r for r in doc["ratios"] if r["vs"] == "tff"]
+    if rat:
+        lines += ["**Ours / peer** (round time ratio; < 1 means faster than TFF):", "",
+                  "| workload | clients | runtime | ours / TFF |", "|---|---|---|---|"]
+        for r in rat:
+            lines.append(f"| {r['workload']} | {r['clients']:,} | {r['ours']} | {r['ratio']:.2f} |")
+        lines.append("")
+    for note in doc.get("notes", []):
+        lines.append(f"Note: {note}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plots(doc: dict, out_dir: Path) -> list[str]:
+    try:
+        import matplotlib  # noqa: PLC0415
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return ["plots skipped: matplotlib is not installed (pip install 'mp_executors[bench]')"]
+    rows, written = doc["rows"], []
+    for workload, runtimes, ylabel, per_client in (
+        ("fedavg", FEDAVG_RUNTIMES, "seconds per round", False),
+        ("overhead", OVERHEAD_RUNTIMES, "µs per client", True),
+    ):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for rt in runtimes:
+            pts = sorted((r["clients"], r["median"]) for r in rows if r["workload"] == workload and r["runtime"] == rt)
+            if pts:
+                ax.plot([n for n, _ in pts], [v / n * 1e6 if per_client else v for n, v in pts], marker="o", label=rt)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set(xlabel="clients", ylabel=ylabel,
+               title="FedAvg round time" if workload == "fedavg" else "federated_sum overhead per client")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"{workload}_scaling.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path.name)
+    wk = [r for r in rows if r["workload"] == "workers"]
+    if wk:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        ax.plot([r["workers"] for r in wk], [r["median"] for r in wk], marker="o", label="mp, resident")
+        floor = _median(rows, "fedavg", "floor", wk[0]["clients"])
+        if floor:
+            ax.axhline(floor, color="gray", linestyle="--", label="floor (1 process)")
+        ax.set(xlabel="workers", ylabel="seconds per round", title=f"FedAvg, {wk[0]['clients']:,} clients")
+        ax.set_xticks([r["workers"] for r in wk])
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "workers_scaling.png", dpi=110)
+        plt.close(fig)
+        written.append("workers_scaling.png")
+    return []
+
+
+def machine() -> dict:
+    tf = sys.modules.get("tensorflow")
+    return {"cpus": psutil.cpu_count(), "usable_cpus": len(psutil.Process().cpu_affinity()),
+            "memory": psutil.virtual_memory().total, "python": platform.python_version(),
+            "tensorflow": getattr(tf, "__version__", None), "platform": platform.platform()}
+
+
+def run_suite(out_dir: Path, quick: bool = False, rounds: int | None = None, peer: str = "auto",
+              peer_venv: Path | None = None, command: str = "mp-executors bench",
+              log: Callable[[str], None] = print) -> dict:
+    """Runs the suite and writes bench.json, bench.md and the plots into `out_dir`."""
+    import mp_executors  # noqa: PLC0415, F401 - quiet TF import first
+    from mp_executors._tf import tf  # noqa: PLC0415, F401
+
+    cfg = suite_config(quick, rounds)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    suite = Suite(cfg, log)
+    try:
+        suite.fedavg()
+        suite.overhead()
+    finally:
+        suite.close()
+    suite.workers()
+    venv = peer_venv or DEFAULT_PEER_VENV
+    if peer != "off" and not quick:
+        script = find_peer_script()
+        if not (venv / "bin" / "python").exists():
+            cfg.notes.append(f"peer (TFF) not measured: no venv at {venv} (bash benchmarks/peers/setup_tff_venv.sh)")
+        elif script is None:
+            cfg.notes.append("peer (TFF) not measured: benchmarks/peers/tff_workloads.py not found "
+                             "(run from a source checkout)")
+        else:
+            suite.peer(venv, script, out_dir)
+    for note in cfg.notes:
+        log(note)
+    doc = {
+        "suite": cfg.name, "command": command, "when": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine(),
+        "config": {"rounds": cfg.rounds, "big_rounds": cfg.big_rounds, "big_threshold": cfg.big_threshold,
+                   "fedavg_clients": cfg.fedavg_clients, "overhead_clients": cfg.overhead_clients,
+                   "workers": cfg.workers, "workers_clients": cfg.workers_clients},
+        "rows": suite.rows, "ratios": ratios(suite.rows), "notes": cfg.notes,
+        "peer_versions": getattr(suite, "peer_versions", None),
+        "duration_s": time.perf_counter() - started,
+    }
+    (out_dir / "bench.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
+    (out_dir / "bench.md").write_text(markdown(doc))
+    for note in plots(doc, out_dir):
+        log(note)
+    return doc

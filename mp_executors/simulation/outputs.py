@@ -1,0 +1,297 @@
+"""What a run leaves behind and shows: metrics.json, rounds.csv, model.npz, plots, the table.
+
+metrics.json is laid out so that everything that depends on the runtime sits under two keys,
+``timing`` and ``runtime``; the rest (``config``, ``dataset``, ``model``, ``metrics``) is a
+pure function of the configuration and is bitwise the same on `local`, `mp` with any number
+of workers, run after run (the tests compare exactly that).
+
+Also here: the per-round progress (tqdm on a terminal, else one plain line per round), the
+memory sampler (parent + worker RSS, psutil) and the closing summary table.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from mp_executors.simulation.program import RoundRecord, RunResult
+
+METRIC_KEYS = ("local_loss", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+
+
+# --------------------------------------------------------------------------- memory
+
+
+class MemorySampler:
+    """Tracks peak RSS of this process and of the pool's workers (sampled between rounds)."""
+
+    def __init__(self, factory: Any = None):
+        self.factory = factory
+        self.peak_parent = 0
+        self.peak_workers = 0
+        self.peak_total = 0
+
+    def worker_pids(self) -> list[int]:
+        pool = getattr(self.factory, "pool", None)
+        try:
+            return list(pool.pids()) if pool is not None else []
+        except Exception:  # noqa: BLE001 - a pool being torn down has no pids to sample
+            return []
+
+    def sample(self) -> None:
+        parent = psutil.Process().memory_info().rss
+        workers = 0
+        for pid in self.worker_pids():
+            try:
+                workers += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                continue
+        self.peak_parent = max(self.peak_parent, parent)
+        self.peak_workers = max(self.peak_workers, workers)
+        self.peak_total = max(self.peak_total, parent + workers)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"peak_parent_rss": self.peak_parent, "peak_workers_rss": self.peak_workers,
+                "peak_total_rss": self.peak_total}
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def _round_line(record: RoundRecord, total: int) -> str:
+    m = record.metrics
+    parts = [f"round {record.round:>{len(str(total))}d}/{total}", f"clients {record.clients}",
+             f"local loss {m['local_loss']:.4f}"]
+    if "test_accuracy" in m:
+        parts += [f"train loss {m['train_loss']:.4f}", f"test acc {m['test_accuracy']:.4f}"]
+    timing = f"{record.train_s:.3f} s"
+    if record.eval_s is not None:
+        timing += f" (+{record.eval_s:.3f} s eval)"
+    return "  ".join(parts + [timing])
+
+
+class Progress:
+    """tqdm when stdout is a terminal and tqdm is installed; otherwise one line per round."""
+
+    def __init__(self, total: int, stream=None, quiet: bool = False):
+        self.total = total
+        self.stream = stream or sys.stdout
+        self.quiet = quiet
+        self.bar = None
+        if not quiet and self.stream.isatty():
+            try:
+                from tqdm import tqdm  # noqa: PLC0415 - optional
+
+                self.bar = tqdm(total=total, unit="round", file=self.stream, dynamic_ncols=True)
+            except ImportError:
+                self.bar = None
+
+    def __call__(self, record: RoundRecord) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            m = record.metrics
+            post = {"loss": f"{m['local_loss']:.3f}", "s/round": f"{record.train_s:.2f}"}
+            if "test_accuracy" in m:
+                post["test acc"] = f"{m['test_accuracy']:.3f}"
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(1)
+        else:
+            print(_round_line(record, self.total), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe floats (numpy scalars to float; NaN/inf to None)."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        f = float(value)
+        return f if np.isfinite(f) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def timing_summary(result: RunResult) -> dict[str, float]:
+    times = [r.train_s for r in result.rounds]
+    evals = [r.eval_s for r in result.rounds if r.eval_s is not None]
+    return {
+        "startup_s": result.startup_s,
+        "mean_round_s": statistics.fmean(times),
+        "median_round_s": statistics.median(times),
+        # Round 1 also traces and imports the computations in the workers.
+        "median_round_s_after_first": statistics.median(times[1:]) if len(times) > 1 else times[0],
+        "mean_eval_s": statistics.fmean(evals) if evals else None,
+        "total_s": result.startup_s + sum(times) + sum(evals),
+    }
+
+
+def build_metrics(
+    result: RunResult, config: dict, descriptions: dict[str, str], runtime: dict, started: float,
+) -> dict:
+    """The metrics.json document (see the module docstring for its layout)."""
+    return _clean({
+        "config": config,
+        "dataset": descriptions["dataset"],
+        "model": descriptions["model"],
+        "metrics": {
+            "initial": result.initial,
+            "rounds": [{"round": r.round, "clients": r.clients, **r.metrics} for r in result.rounds],
+            "final": result.final_metrics,
+            "final_model_sha256": result.model_digest(),
+        },
+        "timing": {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            **timing_summary(result),
+            "rounds": [{"round": r.round, "train_s": r.train_s, "eval_s": r.eval_s} for r in result.rounds],
+        },
+        "runtime": runtime,
+    })
+
+
+def environment() -> dict:
+    import mp_executors  # noqa: PLC0415
+
+    tf = sys.modules.get("tensorflow")
+    return {
+        "python": platform.python_version(), "platform": platform.platform(),
+        "mp_executors": mp_executors.__version__, "tensorflow": getattr(tf, "__version__", None),
+        "numpy": np.__version__, "cpus": psutil.cpu_count(), "memory": psutil.virtual_memory().total,
+    }
+
+
+def write_outputs(out_dir: Path, doc: dict, result: RunResult, plots: bool = True) -> list[str]:
+    """Writes metrics.json, rounds.csv, model.npz and (matplotlib permitting) the plots.
+
+    Returns notes for the user (e.g. that plots were skipped and why).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "metrics.json", "w") as f:
+        json.dump(doc, f, indent=2)
+        f.write("\n")
+    with open(out_dir / "rounds.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["round", "clients", *METRIC_KEYS, "train_s", "eval_s"])
+        writer.writerow([0, "", "", *(result.initial.get(k, "") for k in METRIC_KEYS[1:]), "", ""])
+        for r in result.rounds:
+            writer.writerow([r.round, r.clients, *(r.metrics.get(k, "") for k in METRIC_KEYS),
+                             f"{r.train_s:.6f}", "" if r.eval_s is None else f"{r.eval_s:.6f}"])
+    np.savez(out_dir / "model.npz", **result.params)
+    notes = []
+    if plots:
+        notes += write_plots(out_dir, result)
+    return notes
+
+
+def write_plots(out_dir: Path, result: RunResult) -> list[str]:
+    """accuracy.png, loss.png, round_time.png (needs matplotlib; says so when missing)."""
+    try:
+        import matplotlib  # noqa: PLC0415 - optional
+
+        matplotlib.use("Agg")  # no display needed, and never steals focus
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return ["plots skipped: matplotlib is not installed (pip install 'mp_executors[bench]')"]
+    evaluated = [(0, result.initial)] + [(r.round, r.metrics) for r in result.rounds if "test_accuracy" in r.metrics]
+    xs = [r for r, _ in evaluated]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("train_accuracy", "train"), ("test_accuracy", "test")):
+        ax.plot(xs, [m[key] for _, m in evaluated], marker=".", label=label)
+    ax.set(xlabel="round", ylabel="accuracy", title="Accuracy of the global model")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("train_loss", "train (global model)"), ("test_loss", "test (global model)")):
+        ax.plot(xs, [m[key] for _, m in evaluated], marker=".", label=label)
+    ax.plot([r.round for r in result.rounds], [r.metrics["local_loss"] for r in result.rounds],
+            marker=".", linestyle="--", label="clients' local training")
+    ax.set(xlabel="round", ylabel="cross-entropy", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "loss.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = [r.round for r in result.rounds]
+    ax.bar(rounds, [r.train_s for r in result.rounds], label="training round")
+    ax.bar(rounds, [r.eval_s or 0.0 for r in result.rounds], bottom=[r.train_s for r in result.rounds],
+           label="evaluation")
+    ax.set(xlabel="round", ylabel="seconds", title="Time per round")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "round_time.png", dpi=110)
+    plt.close(fig)
+    return []
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summary_table(doc: dict, out_dir: Path) -> str:
+    """The closing table printed after a run."""
+    final = doc["metrics"]["final"]
+    timing, runtime = doc["timing"], doc["runtime"]
+    mem = runtime["memory"]
+    rows = [
+        ("dataset", doc["dataset"]),
+        ("model", doc["model"]),
+        ("rounds", f"{len(doc['metrics']['rounds'])} ({doc['metrics']['rounds'][-1]['clients']} clients in the last)"),
+        ("final test accuracy", f"{final['test_accuracy']:.4f}"),
+        ("final train accuracy / loss", f"{final['train_accuracy']:.4f} / {final['train_loss']:.4f}"),
+        ("round time, mean / median", f"{timing['mean_round_s']:.3f} s / {timing['median_round_s']:.3f} s"),
+        ("start-up (first call)", f"{timing['startup_s']:.2f} s"),
+        ("total", f"{timing['total_s']:.1f} s"),
+        ("executor", runtime["executor"]),
+    ]
+    for w in runtime.get("workers", []):
+        pin = f"cpus {w.get('cpu_affinity')}"
+        if w.get("cuda_visible_devices"):
+            pin += f", gpu {w['cuda_visible_devices']}"
+        threads = w.get("intra_op_threads")
+        rows.append((f"  worker {w.get('slot')} (pid {w.get('pid')})",
+                     pin + (f", {threads} TF thread(s)" if threads else "")))
+    rows += [
+        ("peak memory (RSS)", f"{format_bytes(mem['peak_total_rss'])}: parent {format_bytes(mem['peak_parent_rss'])}"
+         f" + workers {format_bytes(mem['peak_workers_rss'])}"),
+        ("outputs", str(out_dir)),
+        ("final model sha256", doc["metrics"]["final_model_sha256"][:16] + "..."),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def default_out_dir(dataset: str) -> Path:
+    return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{dataset}-{os.getpid()}"

@@ -1,0 +1,235 @@
+"""The FedAvg (optionally FedProx) program: its federated computations and the round loop.
+
+Everything numeric happens inside `tf_computation`s and federated intrinsics, and client
+sampling is drawn in the parent from a seeded numpy Generator, so a run gives bitwise the
+same metrics and final model on `local`, on `mp` with any number of workers (the runtime
+reduces in a fixed order), and run after run.
+
+One round (`train_round`):
+
+    server params, round seed ──broadcast──► sampled clients (a ClientData over their ids)
+        each client: `local_epochs` passes of minibatch SGD over its own (masked) training
+        examples, reshuffled every epoch by a stateless RNG keyed by (round seed, client id),
+        with an optional FedProx proximal term mu/2 |w - w_server|^2
+    new params = federated_mean(client params, weight = client's training examples)
+    local loss = federated_sum(minibatch loss sums) / federated_sum(examples visited)
+
+`evaluate` runs the global model over every client's train and test split and sums
+(loss, correct, count) with `federated_sum`; the ratios are the reported metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+import mp_executors as mpx
+from mp_executors.simulation import datasets, models
+
+
+@dataclass(frozen=True)
+class FedAvgConfig:
+    """The training hyper-parameters of a run (no runtime settings: those don't change results)."""
+
+    rounds: int = 20
+    clients_per_round: int | None = None  # None: every client, every round
+    local_epochs: int = 1
+    batch_size: int = 10
+    learning_rate: float = 0.05
+    mu: float = 0.0  # FedProx proximal weight; 0 is plain FedAvg
+    seed: int = 0
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "local_epochs", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.clients_per_round is not None and self.clients_per_round < 1:
+            raise ValueError(f"clients_per_round must be at least 1, got {self.clients_per_round}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"the learning rate must be > 0, got {self.learning_rate}.")
+        if self.mu < 0:
+            raise ValueError(f"mu must be >= 0, got {self.mu}.")
+
+
+@dataclass
+class Computations:
+    train_round: Any
+    evaluate: Any
+
+
+def build_computations(model: models.ModelSpec, data: datasets.DatasetSpec, cfg: FedAvgConfig) -> Computations:
+    """Traces the program's computations for this model, dataset shape and config."""
+    from mp_executors._tf import tf  # noqa: PLC0415 - the computations' bodies are TensorFlow
+
+    params_t = models.param_type(model)
+    element_t = datasets.element_type(data)
+    train_t = datasets.split_type(data.split_sizes[0], data.num_features)
+    names = model.names
+    size = data.split_sizes[0]
+    batch, epochs, lr, mu = cfg.batch_size, cfg.local_epochs, cfg.learning_rate, cfg.mu
+
+    @mpx.tf_computation(params_t, np.int32, np.int32, train_t)
+    def client_update(params, round_seed, client_id, train):
+        start = [getattr(params, n) for n in names]
+        n = tf.reduce_sum(train.mask)
+        batches = tf.maximum(tf.cast(tf.math.ceil(n / batch), tf.int32), 1)
+        # One permutation per epoch: real rows in random order first, padding last, so the
+        # loop only visits ceil(n / batch) batches and padded rows are (almost) never touched.
+        keys = tf.random.stateless_uniform([epochs, size], seed=tf.stack([round_seed, client_id]))
+        perms = tf.argsort(keys + 2.0 * (1.0 - train.mask), axis=1, stable=True)
+
+        def step(i, weights, loss_sum, seen):
+            rows = perms[i // batches, (i % batches) * batch:(i % batches) * batch + batch]
+            x, y, m = tf.gather(train.x, rows), tf.gather(train.y, rows), tf.gather(train.mask, rows)
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                total, _, count = models.masked_sums(model, weights, x, y, m)
+                loss = total / tf.maximum(count, 1.0)
+                if mu > 0:
+                    loss += 0.5 * mu * tf.add_n([tf.reduce_sum(tf.square(w - w0)) for w, w0 in zip(weights, start)])
+            grads = tape.gradient(loss, weights)
+            weights = [w - lr * g for w, g in zip(weights, grads)]
+            return i + 1, weights, loss_sum + total, seen + count
+
+        _, weights, loss_sum, seen = tf.while_loop(
+            lambda i, *_: i < epochs * batches, step,
+            (tf.constant(0), start, tf.constant(0.0), tf.constant(0.0)),
+        )
+        return {"params": dict(zip(names, weights)), "weight": n, "loss_sum": loss_sum, "seen": seen}
+
+    @mpx.federated_computation(
+        mpx.FederatedType(params_t, mpx.SERVER),
+        mpx.FederatedType(np.int32, mpx.SERVER),
+        mpx.FederatedType(element_t, mpx.CLIENTS),
+    )
+    def train_round(params, round_seed, clients):
+        # Selections are column bookkeeping in the shards: no client data moves.
+        out = mpx.federated_map(client_update, (
+            mpx.federated_broadcast(params), mpx.federated_broadcast(round_seed), clients.id, clients.train))
+        new_params = mpx.federated_mean(out.params, out.weight)
+        return new_params, mpx.federated_sum(out.loss_sum), mpx.federated_sum(out.seen)
+
+    @mpx.tf_computation(params_t, element_t)
+    def client_eval(params, client):
+        weights = [getattr(params, n) for n in names]
+        tr = models.masked_sums(model, weights, client.train.x, client.train.y, client.train.mask)
+        te = models.masked_sums(model, weights, client.test.x, client.test.y, client.test.mask)
+        return tf.stack(list(tr) + list(te))
+
+    @mpx.federated_computation(mpx.FederatedType(params_t, mpx.SERVER), mpx.FederatedType(element_t, mpx.CLIENTS))
+    def evaluate(params, clients):
+        return mpx.federated_sum(mpx.federated_map(client_eval, (mpx.federated_broadcast(params), clients)))
+
+    return Computations(train_round, evaluate)
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    clients: int
+    metrics: dict[str, float]
+    train_s: float
+    eval_s: float | None
+
+
+@dataclass
+class RunResult:
+    params: dict[str, np.ndarray]
+    rounds: list[RoundRecord] = field(default_factory=list)
+    initial: dict[str, float] = field(default_factory=dict)
+    startup_s: float = 0.0
+
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        for r in reversed(self.rounds):
+            if "test_accuracy" in r.metrics:
+                return r.metrics
+        return self.initial
+
+    def model_digest(self) -> str:
+        """sha256 of the final weights' bytes: equal digests mean bitwise-equal models."""
+        h = hashlib.sha256()
+        for name in sorted(self.params):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(self.params[name]).tobytes())
+        return h.hexdigest()
+
+
+def _eval_metrics(sums: np.ndarray) -> dict[str, float]:
+    tr_loss, tr_correct, tr_n, te_loss, te_correct, te_n = (float(v) for v in np.asarray(sums))
+    return {
+        "train_loss": tr_loss / max(tr_n, 1.0), "train_accuracy": tr_correct / max(tr_n, 1.0),
+        "test_loss": te_loss / max(te_n, 1.0), "test_accuracy": te_correct / max(te_n, 1.0),
+    }
+
+
+def sample_schedule(num_clients: int, cfg: FedAvgConfig) -> list[tuple[list[int] | None, int]]:
+    """Per round: (sorted sampled client ids, or None for all clients; the round's seed).
+
+    Drawn up front in the parent from Generators seeded by `cfg.seed`, so it does not depend
+    on the runtime. Sorted ids keep the runtime's reduction blocks in client-id order.
+    """
+    sampler = np.random.default_rng([cfg.seed, 1])
+    seeds = np.random.default_rng([cfg.seed, 2]).integers(0, 2**31 - 1, cfg.rounds)
+    k = cfg.clients_per_round
+    schedule = []
+    for r in range(cfg.rounds):
+        ids = None
+        if k is not None and k < num_clients:
+            ids = sorted(int(i) for i in sampler.choice(num_clients, k, replace=False))
+        schedule.append((ids, int(seeds[r])))
+    return schedule
+
+
+def run_fedavg(
+    model: models.ModelSpec,
+    data: datasets.DatasetSpec,
+    cfg: FedAvgConfig,
+    factory: Any,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> RunResult:
+    """Runs `cfg.rounds` rounds of FedAvg on `factory`; calls `on_round` after each round."""
+    comps = build_computations(model, data, cfg)
+    params = models.initial_params(model, np.random.default_rng([cfg.seed, 0]))
+    # One ClientData over everyone, reused every round: the workers build it once and keep it.
+    everyone = datasets.client_data(data)
+    result = RunResult(params=params)
+    with mpx.execution_context(factory):
+        start = time.perf_counter()
+        # Round 0: the initial model's metrics; this first call also starts the pool.
+        result.initial = _eval_metrics(comps.evaluate(params, everyone))
+        result.startup_s = time.perf_counter() - start
+        for r, (ids, seed) in enumerate(sample_schedule(data.num_clients, cfg), start=1):
+            clients = everyone if ids is None else datasets.client_data(data, ids)
+            start = time.perf_counter()
+            params, loss_sum, seen = comps.train_round(params, np.int32(seed), clients)
+            train_s = time.perf_counter() - start
+            metrics = {"local_loss": float(loss_sum) / max(float(seen), 1.0)}
+            eval_s = None
+            if r % cfg.eval_every == 0 or r == cfg.rounds:
+                start = time.perf_counter()
+                metrics.update(_eval_metrics(comps.evaluate(params, everyone)))
+                eval_s = time.perf_counter() - start
+            record = RoundRecord(r, len(clients), metrics, train_s, eval_s)
+            result.rounds.append(record)
+            result.params = params
+            if on_round is not None:
+                on_round(record)
+    return result
+
+
+def config_dict(model: models.ModelSpec, data: datasets.DatasetSpec, cfg: FedAvgConfig) -> dict:
+    """Everything that determines the numbers of a run."""
+    return {"dataset": asdict(data), "model": asdict(model), "fedavg": asdict(cfg)}
+
+
+def steps_per_round(data: datasets.DatasetSpec, cfg: FedAvgConfig) -> int:
+    """An upper bound on the SGD steps of one client in one round."""
+    return cfg.local_epochs * math.ceil(data.split_sizes[0] / cfg.batch_size)
