@@ -47,9 +47,13 @@ from mp_executors.executors.reference_resolving_executor import ReferenceResolvi
 #: is a multiple of this (see `resources.split_clients`).
 BLOCK_SIZE = 8
 
-#: Client data built from `ClientData` descriptions, by description key and
-#: client range: it stays resident across calls (and across the executors a
-#: worker hosts), so a simulation's data is built once per process.
+#: Client data built from `ClientData` descriptions, stacked in columns, by
+#: description key and client range: it stays resident across calls (and
+#: across the executors a worker hosts), so a simulation's data is built and
+#: stacked once per process. The least recently used entries beyond
+#: `CLIENT_DATA_CACHE_ENTRIES` are dropped (a fresh ClientData per round, as
+#: with client sampling, would otherwise grow it without bound).
+CLIENT_DATA_CACHE_ENTRIES = 4
 _CLIENT_DATA_CACHE: dict[str, list] = {}
 
 
@@ -81,6 +85,8 @@ class Batched:
     def tensor(self, dtype) -> Any:
         if self._tensor is None or self._tensor.dtype != dtype:
             self._tensor = tf.convert_to_tensor(self._array, dtype)
+            # One copy is enough: `.numpy()` of a CPU tensor shares its buffer.
+            self._array = None if self._tensor.device.endswith("CPU:0") else self._array
         return self._tensor
 
     @property
@@ -183,22 +189,32 @@ class ClientShard:
     def put(self, handle: int, member_type: t.Type, reps: list[Any] | ClientData) -> None:
         """Stores one value per client of this shard (or builds them from ClientData)."""
         if isinstance(reps, ClientData):
-            reps = self._build_client_data(reps, member_type)
-        if len(reps) != self.size:
-            raise ValueError(f"shard [{self.start},{self.stop}) got {len(reps)} values for {self.size} clients.")
-        self.values[handle] = ShardValue(member_type, columns_from_clients(member_type, reps), self.size)
+            columns = self._client_data_columns(reps, member_type)
+        else:
+            if len(reps) != self.size:
+                raise ValueError(f"shard [{self.start},{self.stop}) got {len(reps)} values for {self.size} clients.")
+            columns = columns_from_clients(member_type, reps)
+        self.values[handle] = ShardValue(member_type, columns, self.size)
 
-    def _build_client_data(self, data: ClientData, member_type: t.Type) -> list:
+    def _client_data_columns(self, data: ClientData, member_type: t.Type) -> list:
+        """The stacked columns of a ClientData shard: built once, then reused as they are."""
         from mp_executors.core import values  # noqa: PLC0415
 
-        cached = _CLIENT_DATA_CACHE.get(data.key)
-        if cached is None:
-            cached = []
+        columns = _CLIENT_DATA_CACHE.get(data.key)
+        if columns is None:
+            reps = []
             for i in range(len(data)):
                 path = f"ClientData client {data.client_ids[i]!r}"
-                cached.append(values.to_representation(data.build(i), member_type, path))
-            _CLIENT_DATA_CACHE[data.key] = cached
-        return cached
+                reps.append(values.to_representation(data.build(i), member_type, path))
+            columns = columns_from_clients(member_type, reps)
+            _CLIENT_DATA_CACHE[data.key] = columns
+            while len(_CLIENT_DATA_CACHE) > CLIENT_DATA_CACHE_ENTRIES:
+                _CLIENT_DATA_CACHE.pop(next(iter(_CLIENT_DATA_CACHE)))
+        else:
+            _CLIENT_DATA_CACHE[data.key] = _CLIENT_DATA_CACHE.pop(data.key)  # most recently used
+        if columns and len(data) != self.size:
+            raise ValueError(f"shard [{self.start},{self.stop}) got ClientData for {len(data)} clients.")
+        return columns
 
     def put_columns(self, handle: int, member_type: t.Type, columns: list) -> None:
         """Stores values that arrive already stacked in columns (from a worker pool)."""
@@ -380,17 +396,30 @@ def _fold_blocks(array: np.ndarray, ufunc) -> np.ndarray:
 
 
 def _make_batched_map(loaded: tfc.LoadedFunction, mask: tuple[bool, ...]):
-    """One tf.function that applies `loaded` to every client inside the graph."""
-    out_sig = [tf.TensorSpec(lt.shape, tfc.tf_dtype(lt.dtype)) for lt in loaded.result_leaves]
+    """One tf.function that applies `loaded` to every client inside the graph.
+
+    A while loop that slices client i out of each stacked input (`x[i]` on the
+    leading axis does not copy) and writes each output into a TensorArray.
+    Unlike `tf.map_fn`, the stacked inputs are not first unstacked into a
+    TensorList, which would copy every byte of client data on every call.
+    Each iteration runs the same kernels on the same shapes as a single
+    client's call, so the results are bitwise those of per-client calls.
+    """
+    out_specs = [(tfc.tf_dtype(lt.dtype), lt.shape) for lt in loaded.result_leaves]
 
     @tf.function(reduce_retracing=True)
     def run(mapped, fixed):
-        def body(xs):
-            it_m, it_f = iter(xs), iter(fixed)
-            args = [next(it_m) if m else next(it_f) for m in mask]
-            return list(loaded.pruned(*args))
+        n = tf.shape(mapped[0])[0]
+        arrays = tuple(tf.TensorArray(dtype, size=n, element_shape=shape) for dtype, shape in out_specs)
 
-        return tf.map_fn(body, tuple(mapped), fn_output_signature=out_sig)
+        def body(i, arrays):
+            it_m, it_f = iter(mapped), iter(fixed)
+            args = [next(it_m)[i] if m else next(it_f) for m in mask]
+            outputs = loaded.pruned(*args)
+            return i + 1, tuple(a.write(i, o) for a, o in zip(arrays, outputs))
+
+        _, arrays = tf.while_loop(lambda i, _: i < n, body, (tf.constant(0), arrays))
+        return [a.stack() for a in arrays]
 
     return run
 

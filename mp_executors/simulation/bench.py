@@ -289,8 +289,10 @@ def markdown(doc: dict) -> str:
     lines = [
         f"Measured by `{doc['command']}` on {m['cpus']} CPUs, {m['memory'] / 2**30:.0f} GiB, "
         f"Python {m['python']}, TensorFlow {m['tensorflow']} ({doc['when']}); "
-        f"median of rounds 2..R ({doc['config']['rounds']} rounds; {doc['config']['big_rounds']} at "
-        f"{doc['config']['big_threshold']:,}+ clients).",
+        f"median of rounds 2..R ({doc['config']['rounds']} rounds"
+        + (f"; {doc['config']['big_rounds']} at {doc['config']['big_threshold']:,}+ clients"
+           if max(doc["config"]["fedavg_clients"]) >= doc["config"]["big_threshold"] else "")
+        + ").",
         "",
     ]
     fed_n = sorted({r["clients"] for r in rows if r["workload"] == "fedavg"})

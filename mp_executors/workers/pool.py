@@ -74,6 +74,7 @@ class WorkerSlotProcess:
             env=env,
         )
         self.started = time.perf_counter()
+        self.segments = transport.SegmentPool()
         # Digests of the compiled computations this worker process has received.
         self.known_functions: set[str] = set()
 
@@ -86,6 +87,7 @@ class WorkerSlotProcess:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True, kill_workers=True)
+        self.segments.close()
 
 
 class WorkerPool:
@@ -178,7 +180,7 @@ class RemoteShard:
     async def call(self, releases: list[int], method: str, *args: Any) -> Any:
         segments = None
         if method == "put" and not _is_client_data(args[2]):
-            segments = transport.Segments()
+            segments = self.slot.segments.lease()
             handle, member_type, reps = args
             method, args = "put_columns", (handle, member_type, transport.encode_columns(member_type, reps, segments))
         args, new_functions = transport.strip_known_functions(args, self.slot.known_functions)
