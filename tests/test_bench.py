@@ -1,0 +1,144 @@
+"""Tests for `mp-executors bench` (the quick sweep), its report, the peer hook and update_readme."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mp_executors as mpx
+from mp_executors import cli
+from mp_executors.simulation import bench
+from mp_executors.simulation import workloads as packaged
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _code(path: Path) -> str:
+    text = path.read_text()
+    return text[text.index("from __future__"):]
+
+
+def test_packaged_workloads_are_the_benchmarks_workloads():
+    scripts = REPO / "benchmarks" / "workloads.py"
+    if not scripts.exists():
+        pytest.skip("not a source checkout")
+    # Same code after the docstring, and the same numbers.
+    assert _code(scripts) == _code(Path(packaged.__file__))
+    theirs = _load(scripts, "_bench_workloads")
+    clients = packaged.make_clients(9)
+    with mpx.local_executor_factory() as f, mpx.execution_context(f):
+        a = packaged.fedavg_round(packaged.initial_model(), clients)
+        b = theirs.fedavg_round(theirs.initial_model(), theirs.make_clients(9))
+    assert np.array_equal(a["w"], b["w"]) and np.array_equal(a["b"], b["b"])
+
+
+def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
+    out = tmp_path / "bench"
+    start = time.perf_counter()
+    assert cli.main(["bench", "--quick", "--out", str(out)]) == 0
+    elapsed = time.perf_counter() - start
+    assert elapsed < 60, f"--quick took {elapsed:.0f} s"
+    stdout = capsys.readouterr().out
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["suite"] == "quick"
+    got = {(r["workload"], r["runtime"], r["clients"]) for r in doc["rows"]}
+    for n in (8, 32):
+        for rt in ("floor", "local", "mp", "mp-resident"):
+            assert ("fedavg", rt, n) in got
+        assert ("overhead", "local", n) in got and ("overhead", "mp", n) in got
+    assert {r["workers"] for r in doc["rows"] if r["workload"] == "workers"} >= {1}
+    for r in doc["rows"]:
+        assert r["min"] <= r["median"] <= r["max"] and len(r["samples"]) == r["rounds"] == 3
+    assert doc["machine"]["cpus"] >= 1 and doc["machine"]["tensorflow"]
+    md = (out / "bench.md").read_text()
+    assert "**FedAvg round**" in md and "| mp_executors mp, data resident (ClientData) |" in md
+    assert "**Worker scaling**" in md and md in stdout
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert {"fedavg_scaling.png", "overhead_scaling.png", "workers_scaling.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_bench_rejects_one_round(capsys):
+    assert cli.main(["bench", "--rounds", "1"]) == 2
+    assert "--rounds must be at least 2" in capsys.readouterr().err
+
+
+FAKE_PEER = """
+import argparse, json
+p = argparse.ArgumentParser()
+p.add_argument("--fedavg-clients"); p.add_argument("--overhead-clients")
+p.add_argument("--rounds", type=int); p.add_argument("--out")
+a = p.parse_args()
+rows = [{"workload": w, "runtime": "tff", "clients": int(n), "rounds": a.rounds, "median": 2.0 * int(n),
+         "min": 1.0, "max": 3.0, "samples": [1.0] * a.rounds, "memory": {}}
+        for w, ns in (("fedavg", a.fedavg_clients), ("overhead", a.overhead_clients)) for n in ns.split(",")]
+json.dump({"rows": rows, "versions": {"tensorflow_federated": "fake"}}, open(a.out, "w"))
+"""
+
+
+def test_peer_rows_and_ratios(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    script = tmp_path / "fake_peer.py"
+    script.write_text(FAKE_PEER)
+    cfg = bench.SuiteConfig([10, 100, 1000, 10_000], [10, 10_000], [1], 10, rounds=3)
+    suite = bench.Suite(cfg, log=lambda _: None)
+    suite.rows.append({"workload": "fedavg", "runtime": "mp", "clients": 100, "median": 50.0, "min": 1, "max": 1})
+    suite.peer(venv, script, tmp_path)
+    peer_n = sorted(r["clients"] for r in suite.rows if r["runtime"] == "tff" and r["workload"] == "fedavg")
+    assert peer_n == [10, 100, 1000]  # never the peer at 10,000 FedAvg clients
+    ratio = [r for r in bench.ratios(suite.rows) if r["vs"] == "tff"]
+    assert ratio == [{"workload": "fedavg", "clients": 100, "ours": "mp", "vs": "tff", "ratio": 0.25}]
+    doc = {"rows": suite.rows, "ratios": bench.ratios(suite.rows), "command": "x", "when": "now",
+           "machine": {"cpus": 2, "memory": 2**34, "python": "3", "tensorflow": "2"},
+           "config": {"rounds": 3, "big_rounds": 3, "big_threshold": 10_000, "fedavg_clients": [10]}, "notes": []}
+    md = bench.markdown(doc)
+    assert "TFF 0.87 native runtime (peer)" in md and "| fedavg | 100 | mp | 0.25 |" in md
+
+
+def test_peer_failure_becomes_a_note(tmp_path):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    script = tmp_path / "broken.py"
+    script.write_text("raise SystemExit('no tensorflow_federated here')\n")
+    cfg = bench.SuiteConfig([10], [10], [1], 10, rounds=3)
+    suite = bench.Suite(cfg, log=lambda _: None)
+    suite.peer(venv, script, tmp_path)
+    assert not suite.rows and "peer (TFF) failed" in cfg.notes[0] and "no tensorflow_federated" in cfg.notes[0]
+
+
+def test_update_readme_replaces_only_the_marked_section(tmp_path):
+    update = _load(REPO / "benchmarks" / "update_readme.py", "_update_readme")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n## Performance\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n\n## After\nkeep\n")
+    tables = tmp_path / "bench.md"
+    tables.write_text("| a | b |\n|---|---|\n| 1 | 2 |\n")
+    assert update.main(["--bench", str(tables), "--readme", str(readme), "--check"]) == 1
+    assert update.main(["--bench", str(tables), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and "| 1 | 2 |" in text and text.endswith("## After\nkeep\n")
+    assert text.count("<!-- bench:start -->") == 1 and text.count("<!-- bench:end -->") == 1
+    assert update.main(["--bench", str(tables), "--readme", str(readme), "--check"]) == 0
+    update.main(["--bench", str(tables), "--readme", str(readme)])
+    assert readme.read_text() == text  # idempotent
+    readme.write_text("no markers\n")
+    assert update.main(["--bench", str(tables), "--readme", str(readme)]) == 2
+    assert readme.read_text() == "no markers\n"

@@ -1,0 +1,103 @@
+"""Tests for `mp-executors run`, the main job: outputs, reproducibility across runtimes, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import mp_executors as mpx
+from mp_executors import cli
+
+# 24 clients = 3 reduction blocks, so 2 workers really split them; 20 sampled per round.
+SMALL = ["--rounds", "2", "--clients", "24", "--clients-per-round", "20", "--max-examples", "60", "--no-plots"]
+RUNTIME_KEYS = {"timing", "runtime"}
+
+
+def run_job(tmp_path, name, *extra, capsys=None):
+    out = tmp_path / name
+    code = cli.main(["run", *SMALL, "--out", str(out), *extra])
+    assert code == 0
+    return json.loads((out / "metrics.json").read_text()), out
+
+
+def deterministic_part(doc: dict) -> dict:
+    return {k: v for k, v in doc.items() if k not in RUNTIME_KEYS}
+
+
+def test_run_writes_its_outputs_and_a_summary(tmp_path, capsys):
+    doc, out = run_job(tmp_path, "local", "--executor", "local")
+    stdout = capsys.readouterr().out
+    # Not a terminal: one plain line per round, then the table.
+    assert "round 1/2" in stdout and "round 2/2" in stdout
+    for row in ("final test accuracy", "round time, mean / median", "peak memory (RSS)", "executor"):
+        assert row in stdout
+    assert set(doc) == {"config", "dataset", "model", "metrics", "timing", "runtime"}
+    assert doc["config"]["fedavg"]["rounds"] == 2 and doc["config"]["dataset"]["num_clients"] == 24
+    rounds = doc["metrics"]["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["clients"] == 20 for r in rounds)
+    assert 0.0 <= doc["metrics"]["final"]["test_accuracy"] <= 1.0
+    assert doc["timing"]["median_round_s"] > 0 and len(doc["timing"]["rounds"]) == 2
+    assert doc["runtime"]["memory"]["peak_total_rss"] > 0
+    with open(out / "rounds.csv") as f:
+        assert len(list(csv.reader(f))) == 1 + 1 + 2  # header, round 0, two rounds
+    model = np.load(out / "model.npz")
+    assert model["w"].shape == (60, 10)
+    assert not list(out.glob("*.png"))  # --no-plots
+
+
+def test_same_metrics_on_local_and_on_one_or_two_workers(tmp_path, capsys):
+    docs = {
+        "local": run_job(tmp_path, "local", "--executor", "local")[0],
+        "mp-1": run_job(tmp_path, "mp1", "--executor", "mp", "--workers", "1")[0],
+        "mp-2": run_job(tmp_path, "mp2", "--executor", "mp", "--workers", "2")[0],
+    }
+    capsys.readouterr()
+    ref = deterministic_part(docs["local"])
+    for kind, doc in docs.items():
+        assert deterministic_part(doc) == ref, kind
+    # ... and the pool really had that many pinned workers.
+    assert len(docs["mp-1"]["runtime"]["workers"]) == 1
+    workers = docs["mp-2"]["runtime"]["workers"]
+    assert len(workers) == 2 and all(w["cpu_affinity"] for w in workers)
+
+
+def test_plots_are_drawn_when_matplotlib_is_installed(tmp_path, capsys):
+    out = tmp_path / "plots"
+    assert cli.main(["run", "--rounds", "2", "--clients", "8", "--max-examples", "30", "--executor", "local",
+                     "--eval-every", "2", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "round 1/2" not in text  # --quiet
+    doc = json.loads((out / "metrics.json").read_text())
+    assert "test_accuracy" not in doc["metrics"]["rounds"][0]  # evaluated every 2 rounds only
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in text
+    else:
+        assert {p.name for p in out.glob("*.png")} == {"accuracy.png", "loss.png", "round_time.png"}
+
+
+@pytest.mark.skipif(hasattr(mpx, "ray_executor_factory"), reason="the ray executor exists")
+def test_ray_executor_is_not_available_yet(tmp_path, capsys):
+    assert cli.main(["run", *SMALL, "--executor", "ray", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().endswith("the ray executor is not available yet")
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--clients", "10", "--clients-per-round", "20"], "--clients-per-round 20 is more than --clients 10"),
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--dataset", "digits", "--clients", "5000"], "at most 299 clients"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--dataset", "cifar"], "invalid choice"),
+])
+def test_bad_flags_are_one_line_and_exit_2(args, message, tmp_path, capsys):
+    assert cli.main(["run", *args, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -1,0 +1,128 @@
+"""Tests for mp_executors.simulation: datasets, models, masking, sampling (in-process, fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import mp_executors as mpx
+from mp_executors.simulation import datasets, models, program
+
+
+def test_synthetic_clients_have_fixed_shapes_and_a_mask():
+    spec = datasets.DatasetSpec("synthetic", 50, seed=3, max_examples=120)
+    et = datasets.element_type(spec)
+    assert spec.split_sizes == (96, 24)
+    for i in range(50):
+        c = datasets.make_client(spec, i)
+        assert c["train"]["x"].shape == (96, 60) and c["test"]["x"].shape == (24, 60)
+        for split in ("train", "test"):
+            m = c[split]["mask"]
+            n = int(m.sum())
+            assert n >= 1
+            # Real rows first, then padding of zeros.
+            assert np.all(m[:n] == 1) and np.all(m[n:] == 0)
+            assert not c[split]["x"][n:].any() and not c[split]["y"][n:].any()
+        assert mpx.infer_type(c) is not None
+    assert str(et).startswith("<id=int32,train=<x=float32[96,60]")
+
+
+def test_synthetic_sizes_follow_the_power_law_and_respect_the_cap():
+    spec = datasets.DatasetSpec("synthetic", 400, seed=0, max_examples=250)
+    counts = datasets.example_counts(spec)
+    assert counts.min() >= 50 and counts.max() <= 250
+    assert (counts == 250).mean() > 0.1  # the heavy tail is capped, not absent
+    assert np.median(counts) < 250
+
+
+def test_synthetic_client_does_not_depend_on_the_number_of_clients():
+    a = datasets.make_client(datasets.DatasetSpec("synthetic", 10, seed=1), 7)
+    b = datasets.make_client(datasets.DatasetSpec("synthetic", 1000, seed=1), 7)
+    c = datasets.make_client(datasets.DatasetSpec("synthetic", 1000, seed=2), 7)
+    assert np.array_equal(a["train"]["x"], b["train"]["x"])
+    assert not np.array_equal(a["train"]["x"], c["train"]["x"])
+
+
+def test_client_data_is_memoized_and_read_only():
+    spec = datasets.DatasetSpec("synthetic", 10, seed=5)
+    assert datasets.make_client(spec, 4) is datasets.make_client(spec, 4)
+    with pytest.raises(ValueError):
+        datasets.make_client(spec, 4)["train"]["x"][0, 0] = 1.0
+    cd = datasets.client_data(spec, [1, 4])
+    assert len(cd) == 2 and cd.element_type == datasets.element_type(spec)
+
+
+def test_digits_partitions():
+    pytest.importorskip("sklearn")
+    spec = datasets.DatasetSpec("digits", 20, seed=0, partition="shards")
+    clients = [datasets.make_client(spec, i) for i in range(20)]
+    size = 2 * (1797 // 40)
+    assert sum(spec.split_sizes) == size
+    labels = [set(np.concatenate([c["train"]["y"], c["test"]["y"]]).tolist()) for c in clients]
+    assert np.mean([len(s) for s in labels]) <= 3  # non-IID: about two labels per client
+    assert all(c["train"]["mask"].all() for c in clients)  # equal sizes: no padding
+    iid = datasets.DatasetSpec("digits", 20, seed=0, partition="iid")
+    assert np.mean([len(set(datasets.make_client(iid, i)["train"]["y"])) for i in range(20)]) > 7
+
+
+def test_dataset_spec_errors_say_what_to_do():
+    with pytest.raises(ValueError, match="at most 299 clients.*synthetic"):
+        datasets.DatasetSpec("digits", 1000)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        datasets.DatasetSpec("mnist", 10)
+    with pytest.raises(ValueError, match="max_examples"):
+        datasets.DatasetSpec("synthetic", 10, max_examples=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        program.FedAvgConfig(rounds=0)
+
+
+def test_masked_sums_ignore_padding():
+    from mp_executors._tf import tf
+
+    spec = models.ModelSpec("mlp", 60, 10, hidden=8)
+    params = models.initial_params(spec, np.random.default_rng(0))
+    client = datasets.make_client(datasets.DatasetSpec("synthetic", 30, seed=0, max_examples=250), 3)
+    tr = client["train"]
+    n = int(tr["mask"].sum())
+    assert n < len(tr["mask"])
+    ws = [tf.constant(params[k]) for k in spec.names]
+    padded = [float(v) for v in models.masked_sums(spec, ws, tr["x"], tr["y"], tr["mask"])]
+    real = [float(v) for v in models.masked_sums(spec, ws, tr["x"][:n], tr["y"][:n], tr["mask"][:n])]
+    assert padded[2] == n
+    np.testing.assert_allclose(padded, real, rtol=1e-6)
+
+
+def test_sample_schedule_is_seeded_sorted_and_without_replacement():
+    cfg = program.FedAvgConfig(rounds=5, clients_per_round=7, seed=11)
+    a, b = program.sample_schedule(40, cfg), program.sample_schedule(40, cfg)
+    assert a == b
+    for ids, _ in a:
+        assert ids == sorted(set(ids)) and len(ids) == 7 and max(ids) < 40
+    assert program.sample_schedule(40, program.FedAvgConfig(rounds=5, clients_per_round=7, seed=12)) != a
+    assert all(ids is None for ids, _ in program.sample_schedule(7, cfg))  # K >= N: everyone
+
+
+def test_fedavg_learns_digits_locally():
+    pytest.importorskip("sklearn")
+    data = datasets.DatasetSpec("digits", 16, seed=0, partition="iid")
+    model = models.ModelSpec("logreg", data.num_features, data.num_classes)
+    cfg = program.FedAvgConfig(rounds=3, clients_per_round=12, local_epochs=2, learning_rate=0.1)
+    seen = []
+    with mpx.local_executor_factory() as factory:
+        result = program.run_fedavg(model, data, cfg, factory, on_round=seen.append)
+    assert [r.round for r in seen] == [1, 2, 3] and all(r.clients == 12 for r in seen)
+    assert result.initial["test_accuracy"] < 0.2
+    assert result.final_metrics["test_accuracy"] > 0.6
+    assert result.final_metrics["train_loss"] < result.initial["train_loss"]
+
+
+def test_fedprox_term_pulls_clients_towards_the_server_model():
+    data = datasets.DatasetSpec("synthetic", 8, seed=0, max_examples=60)
+    model = models.ModelSpec("logreg", data.num_features, data.num_classes)
+    dist = {}
+    with mpx.local_executor_factory() as factory:
+        for mu in (0.0, 10.0):
+            cfg = program.FedAvgConfig(rounds=1, local_epochs=3, learning_rate=0.05, mu=mu)
+            res = program.run_fedavg(model, data, cfg, factory)
+            dist[mu] = float(np.linalg.norm(res.params["w"]))  # the start is all zeros
+    assert dist[10.0] < dist[0.0]
