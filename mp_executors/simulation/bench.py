@@ -10,6 +10,9 @@ Workloads (`workloads.py`, FACTS.md "the peer"):
     local        `local_executor_factory`, client data passed each round
     mp           `mp_executor_factory` (auto-sized), client data passed each round
     mp-resident  the same pool, client data built in the workers (`mpx.ClientData`)
+  `local` and `mp` (data passed) stop at 1,000 clients: passing 10,000 clients (3.1 GB) every
+  round holds ~4 copies at once, more than 24 GiB. A configuration that would not fit in the
+  available memory is skipped with a note instead of being killed.
     tff          the peer, TFF 0.87's C++ runtime, data passed (only if its venv exists; not
                  at 10,000 clients: it needs ~3.5 GB per 1,000 clients there)
 - **overhead**: `federated_sum` of one float32 per client, 10 .. 10,000 clients, on local,
@@ -60,7 +63,12 @@ class SuiteConfig:
     big_rounds: int = 3  # rounds at >= big_threshold clients
     big_threshold: int = 10_000
     peer_fedavg_max: int = 1000  # the peer needs ~3.5 GB of RSS per 1,000 FedAvg clients
-    local_fedavg_max: int = 10_000
+    # Passing 10,000 FedAvg clients (3.1 GB) each round holds ~4 copies at once (the parent's
+    # list, the local stack's columns or the shared-memory segments, the workers' tensors):
+    # more than a 24 GiB machine has. Resident data (ClientData) is what scales; these stop
+    # at 1,000 clients, like the peer.
+    local_fedavg_max: int = 1000
+    passed_fedavg_max: int = 1000
     name: str = "full"
     notes: list[str] = field(default_factory=list)
 
@@ -145,6 +153,8 @@ class Suite:
         for n in self.cfg.fedavg_clients:
             rounds = self.cfg.rounds_for(n)
             self.log(f"FedAvg, {n} clients, {rounds} rounds")
+            if not self._fits(n, copies=2.5, what="FedAvg"):  # the list + the floor's stacked copy
+                continue
             clients = W.make_clients(n)
 
             self.add("fedavg", "floor", n, self._floor(clients, rounds))
@@ -154,9 +164,14 @@ class Suite:
                     self.add("fedavg", "local", n, self._fedavg_rounds(local, clients, rounds), workers=0)
 
             mp = self.mp_factory()
-            self.add("fedavg", "mp", n, self._fedavg_rounds(mp, clients, rounds), workers=mp.plan(n).num_workers)
+            if n <= self.cfg.passed_fedavg_max:
+                self.add("fedavg", "mp", n, self._fedavg_rounds(mp, clients, rounds), workers=mp.plan(n).num_workers)
+                mp.clean_up_executor({mpx.CLIENTS: n})
             del clients
             gc.collect()
+            # The workers hold their shard twice (built clients + the stacked column).
+            if not self._fits(n, copies=2.5, what="FedAvg mp-resident"):
+                continue
             resident = mpx.ClientData(W.make_client, list(range(n)), W.DATA_TYPE)
             self.add("fedavg", "mp-resident", n, self._fedavg_rounds(mp, resident, rounds),
                      workers=mp.plan(n).num_workers)
@@ -164,6 +179,19 @@ class Suite:
             mp.clean_up_executor({mpx.CLIENTS: n})
             del resident
             gc.collect()
+
+    def _fits(self, clients: int, copies: float, what: str) -> bool:
+        """Whether `copies` copies of `clients` FedAvg clients fit in 80% of available memory."""
+        from mp_executors.simulation import workloads as W  # noqa: PLC0415
+
+        need = clients * W.EXAMPLES * (W.FEATURES + 1) * 4 * copies
+        available = psutil.virtual_memory().available
+        if need <= 0.8 * available:
+            return True
+        self.cfg.notes.append(f"{what} at {clients:,} clients skipped: needs ~{need / 2**30:.1f} GiB, "
+                              f"{available / 2**30:.1f} GiB available")
+        self.log(self.cfg.notes[-1])
+        return False
 
     @staticmethod
     def _floor(clients: list[dict], rounds: int) -> dict:

@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         with factory:
-            result = program.run_fedavg(model, data, cfg, factory, on_round=on_round)
+            result = program.run_fedavg(model, data, cfg, factory, on_round=on_round, on_start=progress.start)
             memory.sample()
             runtime = runtime_info(args, factory)
     finally:

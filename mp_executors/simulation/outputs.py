@@ -88,6 +88,14 @@ def _round_line(record: RoundRecord, total: int) -> str:
     return "  ".join(parts + [timing])
 
 
+def _is_sized_terminal(stream) -> bool:
+    """A terminal with a width (a pty without one, e.g. under `script`, would hide tqdm's bar)."""
+    try:
+        return stream.isatty() and os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
 class Progress:
     """tqdm when stdout is a terminal and tqdm is installed; otherwise one line per round."""
 
@@ -96,17 +104,23 @@ class Progress:
         self.stream = stream or sys.stdout
         self.quiet = quiet
         self.bar = None
-        if not quiet and self.stream.isatty():
-            try:
-                from tqdm import tqdm  # noqa: PLC0415 - optional
+        self.use_bar = not quiet and _is_sized_terminal(self.stream)
 
-                self.bar = tqdm(total=total, unit="round", file=self.stream, dynamic_ncols=True)
-            except ImportError:
-                self.bar = None
+    def start(self) -> None:
+        """Shows the bar; called once the pool is up, so its rate does not count start-up."""
+        if not self.use_bar or self.bar is not None:
+            return
+        try:
+            from tqdm import tqdm  # noqa: PLC0415 - optional
+        except ImportError:
+            self.use_bar = False
+            return
+        self.bar = tqdm(total=self.total, unit="round", file=self.stream, dynamic_ncols=True)
 
     def __call__(self, record: RoundRecord) -> None:
         if self.quiet:
             return
+        self.start()
         if self.bar is not None:
             m = record.metrics
             post = {"loss": f"{m['local_loss']:.3f}", "s/round": f"{record.train_s:.2f}"}

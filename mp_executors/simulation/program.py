@@ -194,8 +194,13 @@ def run_fedavg(
     cfg: FedAvgConfig,
     factory: Any,
     on_round: Callable[[RoundRecord], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> RunResult:
-    """Runs `cfg.rounds` rounds of FedAvg on `factory`; calls `on_round` after each round."""
+    """Runs `cfg.rounds` rounds of FedAvg on `factory`.
+
+    Calls `on_start()` once the pool is up and the initial model evaluated, and
+    `on_round(record)` after each round.
+    """
     comps = build_computations(model, data, cfg)
     params = models.initial_params(model, np.random.default_rng([cfg.seed, 0]))
     # One ClientData over everyone, reused every round: the workers build it once and keep it.
@@ -206,6 +211,8 @@ def run_fedavg(
         # Round 0: the initial model's metrics; this first call also starts the pool.
         result.initial = _eval_metrics(comps.evaluate(params, everyone))
         result.startup_s = time.perf_counter() - start
+        if on_start is not None:
+            on_start()
         for r, (ids, seed) in enumerate(sample_schedule(data.num_clients, cfg), start=1):
             clients = everyone if ids is None else datasets.client_data(data, ids)
             start = time.perf_counter()
