@@ -69,6 +69,8 @@ _LAZY = {
     "infer_cardinalities": "mp_executors.core.values",
     "infer_type": "mp_executors.core.values",
     "ExecutorFactory": "mp_executors.factories.base",
+    "WorkerCrashedError": "mp_executors.errors",
+    "ClientWorkError": "mp_executors.errors",
     "local_executor_factory": "mp_executors.factories.local",
     "mp_executor_factory": "mp_executors.factories.mp",
 }
@@ -96,6 +98,8 @@ __all__ = [
     "CLIENTS",
     "SERVER",
     "ClientData",
+    "ClientWorkError",
+    "WorkerCrashedError",
     "Computation",
     "ExecutionContext",
     "ExecutorFactory",

@@ -15,13 +15,17 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 from mp_executors.core import types as t
 from mp_executors.core import values
+from mp_executors.errors import WorkerCrashedError
 from mp_executors.factories.base import ExecutorFactory
+
+logger = logging.getLogger("mp_executors")
 
 
 class ExecutionContext:
@@ -53,14 +57,37 @@ class ExecutionContext:
             rep, cardinalities = None, {}
         else:
             rep, cardinalities = values.convert_argument(arg, fn_type.parameter, f"{comp.name}: argument")
-        executor = self.executor_factory.create_executor(cardinalities)
-        future = asyncio.run_coroutine_threadsafe(self._run(executor, comp, rep), self._event_loop())
+        attempts = 0
+        while True:
+            executor = self.executor_factory.create_executor(cardinalities)
+            try:
+                result = self._wait(self._run(executor, comp, rep))
+                break
+            except WorkerCrashedError as crash:
+                # Computations are functional: on a fresh pool the retry gives the same bits.
+                self.executor_factory.clean_up_executor(cardinalities)
+                attempts += 1
+                if attempts > getattr(self.executor_factory, "max_retries", 0):
+                    crash.attempts = attempts
+                    crash.args = (crash._message(),)
+                    raise
+                logger.warning("mp_executors: retrying %s on a fresh worker (retry %d)", comp.name, attempts)
+        return values.to_python(result, fn_type.result)
+
+    def _wait(self, coro) -> Any:
+        future = asyncio.run_coroutine_threadsafe(coro, self._event_loop())
         try:
-            result = future.result()
+            return future.result()
+        except KeyboardInterrupt:
+            # Stop the call in the parent, then the workers still busy with it.
+            future.cancel()
+            interrupt = getattr(self.executor_factory, "interrupt", None)
+            if interrupt is not None:
+                interrupt()
+            raise
         except BaseException:
             future.cancel()
             raise
-        return values.to_python(result, fn_type.result)
 
     @staticmethod
     async def _run(executor, comp: Any, rep: Any) -> Any:

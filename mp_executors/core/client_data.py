@@ -26,6 +26,15 @@ class ClientData:
     def __init__(self, fn: Callable[[Any], Any], client_ids: Sequence[Any], element_type: Any = None):
         if not callable(fn):
             raise TypeError(f"ClientData: fn must be callable (client_id -> data), got {type(fn).__name__}.")
+        try:
+            import cloudpickle  # noqa: PLC0415
+
+            cloudpickle.dumps(fn)
+        except Exception as e:  # noqa: BLE001 - any pickling failure means the workers cannot get it
+            raise TypeError(
+                f"ClientData: fn {getattr(fn, '__name__', fn)!r} cannot be sent to worker processes "
+                f"({type(e).__name__}: {e}); use a module-level function over picklable values."
+            ) from None
         self.fn = fn
         self.client_ids = list(client_ids)
         if not self.client_ids:

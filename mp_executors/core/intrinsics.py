@@ -74,6 +74,13 @@ def _function(node: bb.BuildingBlock, name: str, operand: str) -> t.FunctionType
         raise _error(name, f"{operand}: a computation", ts)
     if t.is_federated(ts):
         raise _error(name, f"{operand}: a computation on unplaced values (no placements inside)", ts)
+    if isinstance(node, bb.Lambda) and node.free_references():
+        raise TypeError(
+            f"{name}: {operand} uses values from the enclosing computation "
+            f"({', '.join(sorted(node.free_references()))}); a function given to an intrinsic runs on the "
+            "clients and must be self-contained: pass those values in its argument instead "
+            "(e.g. federated_zip them with the data, or broadcast them)."
+        )
     return ts
 
 

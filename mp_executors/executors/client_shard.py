@@ -38,6 +38,7 @@ from mp_executors.core import tensorflow_computation as tfc
 from mp_executors.core import types as t
 from mp_executors.core.client_data import ClientData
 from mp_executors.core.structure import Struct
+from mp_executors.errors import with_client_context
 from mp_executors.executors.eager_tf_executor import EagerTFExecutor, call_function
 from mp_executors.executors.executor_base import run_sync
 from mp_executors.executors.reference_resolving_executor import ReferenceResolvingExecutor
@@ -181,6 +182,8 @@ class ClientShard:
         self.size = stop - start
         self.values: dict[int, ShardValue] = {}
         self.device = device
+        #: Appended to error messages, e.g. " in worker slot 1" (set by the worker).
+        self.location = ""
         self._leaf_stack = ReferenceResolvingExecutor(EagerTFExecutor(device))
         self._batched_fns: dict[tuple, Any] = {}
 
@@ -262,7 +265,7 @@ class ClientShard:
     def eval(self, handle: int, fn: bb.BuildingBlock) -> None:
         """federated_eval at CLIENTS: calls a no-argument function once per client."""
         with self._device_scope():
-            outputs = [self._apply(fn, None) for _ in range(self.size)]
+            outputs = [self._apply_for(i, fn, None) for i in range(self.size)]
         self.values[handle] = ShardValue(fn.type_signature.result, columns_from_clients(fn.type_signature.result, outputs), self.size)
 
     def map(self, handle: int, fn: bb.BuildingBlock, source: int) -> None:
@@ -278,11 +281,23 @@ class ClientShard:
 
     def _map_columns(self, fn: bb.BuildingBlock, value: ShardValue, result_type: t.Type) -> list:
         if self._can_batch(fn, value):
-            columns = self._map_batched(fn, value)
-        else:
-            outputs = [self._apply(fn, value.client(i)) for i in range(self.size)]
-            columns = columns_from_clients(result_type, outputs)
-        return columns
+            try:
+                return self._map_batched(fn, value)
+            except Exception as batched_error:  # noqa: BLE001 - find which client failed
+                for i in range(self.size):
+                    self._apply_for(i, fn, value.client(i))
+                raise with_client_context(
+                    batched_error, f"clients {self.start}..{self.stop - 1}{self.location}"
+                ) from None
+        outputs = [self._apply_for(i, fn, value.client(i)) for i in range(self.size)]
+        return columns_from_clients(result_type, outputs)
+
+    def _apply_for(self, i: int, fn: bb.BuildingBlock, arg: Any) -> Any:
+        """`_apply` for client i of this shard; errors say which client and where."""
+        try:
+            return self._apply(fn, arg)
+        except Exception as e:  # noqa: BLE001 - re-raised with the client's index
+            raise with_client_context(e, f"client {self.start + i}{self.location}") from None
 
     def _apply(self, fn: bb.BuildingBlock, arg: Any) -> Any:
         if isinstance(fn, bb.CompiledComputation):
@@ -351,7 +366,9 @@ class ClientShard:
         for begin, end in self._blocks():
             acc = zero
             for i in range(begin, end):
-                acc = structure.map_structure(_as_numpy, self._apply(accumulate, Struct.unnamed(acc, value.client(i))))
+                acc = structure.map_structure(
+                    _as_numpy, self._apply_for(i, accumulate, Struct.unnamed(acc, value.client(i)))
+                )
             partials.append(acc)
         return partials
 

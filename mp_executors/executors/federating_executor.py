@@ -126,7 +126,13 @@ class FederatingExecutor(Executor):
             s.call(releases, method, *(per_shard(s) if per_shard else args))
             for s in self._shards
         ]
-        return await asyncio.gather(*calls)
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        # Every shard has answered; report the failure of the lowest clients first,
+        # so that which error wins does not depend on timing.
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
 
     def _new_clients(self, member: t.Type, all_equal: bool, handle: int) -> FederatedValue:
         return FederatedValue(t.FederatedType(member, t.CLIENTS, all_equal), "clients", handle, self)

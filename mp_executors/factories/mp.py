@@ -34,8 +34,12 @@ class MpExecutorFactory(CachingExecutorFactory):
     def __init__(self, default_num_clients: int = 0, max_fanout: int = 100, server_device: str | None = None,
                  client_devices: Sequence[str] = (), *, num_workers: int | None = None,
                  threads_per_worker: int | None = None, devices: Any = "auto", workers_per_gpu: int = 1,
-                 memory_per_worker: int | str | None = None, start_method: str | None = None, machine=None):
+                 memory_per_worker: int | str | None = None, start_method: str | None = None,
+                 max_retries: int = 1, machine=None):
         super().__init__(default_num_clients)
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0 (retries after a worker crash), got {max_retries!r}.")
+        self.max_retries = max_retries
         check_common_arguments(max_fanout, server_device, client_devices)
         self.max_fanout = max_fanout
         self.server_device = server_device
@@ -59,7 +63,7 @@ class MpExecutorFactory(CachingExecutorFactory):
         if num_clients:
             plan = self.plan(num_clients)
             current = self.pool.plan
-            if current is None or current.slots != plan.slots:
+            if current is None or current.slots != plan.slots or self.pool.has_broken():
                 if current is not None:
                     logger.info("mp_executors: resizing the pool from %d to %d workers for %d clients",
                                 len(current.slots), plan.num_workers, num_clients)
@@ -75,6 +79,19 @@ class MpExecutorFactory(CachingExecutorFactory):
         for executor in executors:
             executor.close()
 
+    def clean_up_executor(self, cardinalities) -> None:
+        super().clean_up_executor(cardinalities)
+        if self.pool.has_broken():
+            with self._lock:
+                self._drop_cached_executors()  # their shards lived in the dead worker
+
+    def interrupt(self) -> None:
+        """After Ctrl-C: stop busy workers; drop the executors whose shards they held."""
+        self.pool.interrupt()
+        if self.pool.has_broken():
+            with self._lock:
+                self._drop_cached_executors()
+
     def close(self) -> None:
         super().close()
         self.pool.close()
@@ -84,7 +101,7 @@ def mp_executor_factory(default_num_clients: int = 0, max_fanout: int = 100, ser
                         client_devices: Sequence[str] = (), *, num_workers: int | None = None,
                         threads_per_worker: int | None = None, devices: Any = "auto", workers_per_gpu: int = 1,
                         memory_per_worker: int | str | None = None, start_method: str | None = None,
-                        ) -> MpExecutorFactory:
+                        max_retries: int = 1) -> MpExecutorFactory:
     """The worker-pool execution stack: clients sharded over pinned processes.
 
     The first four arguments mean what they mean for `local_executor_factory`
@@ -98,9 +115,12 @@ def mp_executor_factory(default_num_clients: int = 0, max_fanout: int = 100, ser
       workers_per_gpu: workers sharing one GPU.
       memory_per_worker: bytes or '2GB' for the memory bound (default 1 GiB).
       start_method: 'loky' (default) or 'spawn'.
+      max_retries: times a call is retried on a fresh worker after a worker
+        process dies (computations are functional, so the retry gives the
+        same result); then `mpx.WorkerCrashedError` is raised.
     """
     return MpExecutorFactory(
         default_num_clients, max_fanout, server_device, client_devices, num_workers=num_workers,
         threads_per_worker=threads_per_worker, devices=devices, workers_per_gpu=workers_per_gpu,
-        memory_per_worker=memory_per_worker, start_method=start_method,
+        memory_per_worker=memory_per_worker, start_method=start_method, max_retries=max_retries,
     )

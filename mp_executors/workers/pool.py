@@ -42,13 +42,17 @@ import asyncio
 import itertools
 import logging
 import os
+import signal
 import threading
 import time
 from typing import Any
 
 import loky
 import loky.backend
+import psutil
+from loky.process_executor import BrokenProcessPool, ShutdownExecutorError
 
+from mp_executors.errors import WorkerCrashedError
 from mp_executors.resources import PoolPlan, WorkerSlot
 from mp_executors.workers import transport, worker
 
@@ -77,17 +81,46 @@ class WorkerSlotProcess:
         self.segments = transport.SegmentPool()
         # Digests of the compiled computations this worker process has received.
         self.known_functions: set[str] = set()
+        self.process = None  # the loky process, known once the worker has started
+        self.broken = False
+        self.last_rss: int | None = None
+        self.pending: set[Any] = set()  # concurrent futures not yet done
 
     def submit(self, fn, *args) -> Any:
-        return self.executor.submit(fn, *args)
+        future = self.executor.submit(fn, *args)
+        self.pending.add(future)
+        future.add_done_callback(self.pending.discard)
+        if self.process is None:
+            processes = list((getattr(self.executor, "_processes", None) or {}).values())
+            self.process = processes[0] if processes else None
+        return future
 
     def pids(self) -> list[int]:
+        if self.process is not None and self.process.is_alive():
+            return [self.process.pid]
         processes = getattr(self.executor, "_processes", None) or {}
         return [p.pid for p in processes.values()]
 
+    def exitcode(self, wait: float = 1.0) -> int | None:
+        if self.process is None:
+            return None
+        self.process.join(wait)
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        """Ends the worker now (its running request is abandoned)."""
+        self.broken = True
+        if self.process is not None and self.process.is_alive():
+            try:
+                os.kill(self.process.pid, signal.SIGKILL)
+            except OSError:
+                pass
+
     def shutdown(self) -> None:
-        self.executor.shutdown(wait=True, kill_workers=True)
-        self.segments.close()
+        try:
+            self.executor.shutdown(wait=True, kill_workers=True)
+        finally:
+            self.segments.close()
 
 
 class WorkerPool:
@@ -105,41 +138,125 @@ class WorkerPool:
         self._shard_ids = itertools.count(1)
         self.requests = 0
         self.plan: PoolPlan | None = None
+        self.memory_share = 0
+        self._monitor: threading.Thread | None = None
+        self._monitor_stop = threading.Event()
 
     @property
     def size(self) -> int:
         return len(self._slots)
 
+    #: How many times a slot whose worker dies while starting is started again.
+    START_ATTEMPTS = 3
+
     def resize(self, plan: PoolPlan) -> None:
-        """Makes the pool match `plan`: keeps warm workers whose slot is unchanged."""
+        """Makes the pool match `plan`: keeps warm, healthy workers whose slot is unchanged."""
         with self._lock:
             wanted = list(plan.slots)
-            keep = []
+            keep: list[WorkerSlotProcess | None] = []
             for i, slot in enumerate(wanted):
-                if i < len(self._slots) and self._slots[i].slot == slot:
-                    keep.append(self._slots[i])
+                current = self._slots[i] if i < len(self._slots) else None
+                if current is not None and current.slot == slot and not current.broken:
+                    keep.append(current)
                 else:
-                    if i < len(self._slots):
-                        self._slots[i].shutdown()
+                    if current is not None:
+                        current.shutdown()
                     keep.append(None)
             for extra in self._slots[len(wanted):]:
                 extra.shutdown()
+            self._slots = keep  # type: ignore[assignment]
+            self.plan = plan
+            self.memory_share = plan.machine.available_memory // max(1, plan.num_workers)
             started = time.perf_counter()
             new = [i for i, s in enumerate(keep) if s is None]
-            for i in new:
-                keep[i] = WorkerSlotProcess(wanted[i], self.start_method)
-            self._slots = keep
-            self.plan = plan
+            self._start_slots(new, wanted)
+        self._ensure_monitor()
         if new:
-            # Warm the new workers now (in parallel): each imports TensorFlow once.
-            futures = [self._slots[i].submit(worker.report) for i in new]
-            for f in futures:
-                f.result()
             logger.info(
                 "mp_executors: started %d worker(s) in %.1f s; pool now has %d: %s",
                 len(new), time.perf_counter() - started, len(self._slots),
                 "; ".join(f"slot {s.slot.index} cpus={list(s.slot.cpus)} gpu={s.slot.gpu}" for s in self._slots),
             )
+
+    def _start_slots(self, indices: list[int], wanted: list[WorkerSlot]) -> None:
+        """Starts workers in parallel and waits until each has imported TensorFlow."""
+        for attempt in range(1, self.START_ATTEMPTS + 1):
+            for i in indices:
+                self._slots[i] = WorkerSlotProcess(wanted[i], self.start_method)
+            futures = {i: self._slots[i].submit(worker.report) for i in indices}
+            failed = []
+            for i, future in futures.items():
+                try:
+                    self._slots[i].last_rss = future.result()["rss"]
+                except BrokenProcessPool:
+                    failed.append(i)
+            if not failed:
+                return
+            for i in failed:
+                slot = self._slots[i]
+                error = WorkerCrashedError(slot.slot.index, None, slot.exitcode(), slot.last_rss, "start", attempt)
+                slot.shutdown()
+                if attempt == self.START_ATTEMPTS:
+                    for j in indices:
+                        self._slots[j].shutdown()
+                    self._slots = [s for j, s in enumerate(self._slots) if j not in indices]
+                    raise error
+                logger.warning("mp_executors: %s; starting it again", error.describe())
+            indices = failed
+
+    def has_broken(self) -> bool:
+        return any(s.broken for s in self._slots)
+
+    def crashed(self, slot: WorkerSlotProcess, phase: str, clients: tuple[int, int] | None) -> WorkerCrashedError:
+        """Marks a slot dead and describes how it died."""
+        slot.broken = True
+        error = WorkerCrashedError(slot.slot.index, clients, slot.exitcode(), slot.last_rss, phase)
+        logger.warning("mp_executors: %s", error.describe())
+        return error
+
+    def interrupt(self) -> None:
+        """After Ctrl-C: ends the workers still busy with the abandoned call.
+
+        They are replaced (warm-started again) by the next call that needs them;
+        idle workers, and the values they hold, are kept.
+        """
+        for slot in list(self._slots):
+            if any(not f.done() for f in slot.pending):
+                logger.warning("mp_executors: interrupted; stopping busy worker slot %d", slot.slot.index)
+                slot.kill()
+
+    # ------------------------------------------------------------------ memory guard
+
+    #: A worker whose RSS passes this fraction of its share of memory is reported.
+    MEMORY_WARNING_FRACTION = 0.8
+    MONITOR_SECONDS = 1.0
+
+    def _ensure_monitor(self) -> None:
+        if self._monitor is None or not self._monitor.is_alive():
+            self._monitor_stop.clear()
+            self._monitor = threading.Thread(target=self._watch_memory, name="mp_executors-memory", daemon=True)
+            self._monitor.start()
+
+    def _watch_memory(self) -> None:
+        warned: set[int] = set()
+        while not self._monitor_stop.wait(self.MONITOR_SECONDS):
+            for slot in list(self._slots):
+                if slot.process is None or not slot.process.is_alive():
+                    continue
+                try:
+                    slot.last_rss = psutil.Process(slot.process.pid).memory_info().rss
+                except psutil.Error:
+                    continue
+                limit = self.MEMORY_WARNING_FRACTION * self.memory_share
+                if slot.last_rss > limit and slot.slot.index not in warned:
+                    warned.add(slot.slot.index)
+                    logger.warning(
+                        "mp_executors: worker slot %d uses %.0f MiB, over %.0f%% of its %.0f MiB share of "
+                        "memory (%.0f MiB available on the machine); the kernel may kill it. Use more "
+                        "workers, fewer clients per call, or mpx.ClientData.",
+                        slot.slot.index, slot.last_rss / 2**20, 100 * self.MEMORY_WARNING_FRACTION,
+                        self.memory_share / 2**20, psutil.virtual_memory().available / 2**20,
+                    )
 
     def open_shards(self, ranges: list[tuple[int, int]]) -> list[RemoteShard]:
         """One ClientShard per range, range i in worker i (one round trip each, in parallel)."""
@@ -164,8 +281,10 @@ class WorkerPool:
         return [pid for s in self._slots for pid in s.pids()]
 
     def close(self) -> None:
+        self._monitor_stop.set()
         with self._lock:
             slots, self._slots = self._slots, []
+            self.plan = None
         for slot in slots:
             slot.shutdown()
 
@@ -178,16 +297,22 @@ class RemoteShard:
         self.start, self.stop = start, stop
 
     async def call(self, releases: list[int], method: str, *args: Any) -> Any:
+        slot = self.slot
+        if slot.broken:
+            raise self.pool.crashed(slot, method, (self.start, self.stop))
         segments = None
-        if method == "put" and not _is_client_data(args[2]):
-            segments = self.slot.segments.lease()
-            handle, member_type, reps = args
-            method, args = "put_columns", (handle, member_type, transport.encode_columns(member_type, reps, segments))
-        args, new_functions = transport.strip_known_functions(args, self.slot.known_functions)
-        self.pool.requests += 1
-        future = self.slot.submit(worker.handle, self.shard_id, releases, method, args, new_functions)
         try:
+            if method == "put" and not _is_client_data(args[2]):
+                segments = slot.segments.lease()
+                handle, member_type, reps = args
+                method, args = "put_columns", (handle, member_type, transport.encode_columns(member_type, reps, segments))
+            args, new_functions = transport.strip_known_functions(args, slot.known_functions)
+            self.pool.requests += 1
+            future = slot.submit(worker.handle, self.shard_id, releases, method, args, new_functions)
             return await asyncio.wrap_future(future)
+        except (BrokenProcessPool, ShutdownExecutorError) as e:
+            phase = "put" if method == "put_columns" else method
+            raise self.pool.crashed(slot, phase, (self.start, self.stop)) from e
         finally:
             if segments is not None:
                 segments.release()

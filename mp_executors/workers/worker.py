@@ -16,6 +16,7 @@ functions; so could an actor of a distributed engine.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -51,8 +52,12 @@ def initialize(slot_index: int, cpus: tuple[int, ...], env: dict[str, str], pare
     """Pins this process, applies the slot's environment, imports TensorFlow."""
     global _slot_index
     _slot_index = slot_index
+    # Ctrl-C in a terminal reaches the whole process group; the parent decides
+    # what an interrupt means (it cancels and, if needed, replaces workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent_pid is not None:
         _exit_when_orphaned(parent_pid)
+    maybe_inject_fault("start")
     os.environ.update(env)
     if cpus:
         try:
@@ -80,7 +85,9 @@ def initialize(slot_index: int, cpus: tuple[int, ...], env: dict[str, str], pare
 def open_shard(shard_id: int, start: int, stop: int, device: str | None = None) -> None:
     from mp_executors.executors.client_shard import ClientShard  # noqa: PLC0415
 
-    _shards[shard_id] = ClientShard(start, stop, device)
+    shard = ClientShard(start, stop, device)
+    shard.location = f" in worker slot {_slot_index} (pid {os.getpid()})"
+    _shards[shard_id] = shard
 
 
 def close_shard(shard_id: int) -> None:
@@ -104,6 +111,7 @@ def handle(shard_id: int, releases: list[int], method: str, args: tuple, new_fun
     shard = _shards[shard_id]
     if releases:
         shard.release(releases)
+    maybe_inject_fault("put" if method == "put_columns" else method)
     if method == "put_columns":
         return shard.put_columns(*_attach_columns(args))
     result = getattr(shard, method)(*args)
@@ -115,6 +123,44 @@ def _attach_columns(args: tuple) -> tuple:
 
     handle_id, member_type, columns = args
     return handle_id, member_type, transport.decode_columns(columns)
+
+
+FAULT_FILE_VARIABLE = "MP_EXECUTORS_TEST_FAULT_FILE"
+
+
+def maybe_inject_fault(phase: str) -> None:
+    """Test hook: dies (or stalls) as a fault file asks, exactly once.
+
+    When the environment variable MP_EXECUTORS_TEST_FAULT_FILE names a file
+    containing "<phase> <slot> <how>" (how: sigkill | segv | exit | sleep:<s>),
+    the worker of that slot claims the file (an atomic rename, so only one
+    worker fires, once) when it reaches that phase. The fault-injection tests
+    use it to kill real workers at a chosen moment; it costs one getenv.
+    """
+    path = os.environ.get(FAULT_FILE_VARIABLE)
+    if not path or not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            want_phase, want_slot, how = f.read().split()
+    except (OSError, ValueError):
+        return
+    if want_phase != phase or int(want_slot) != _slot_index:
+        return
+    try:
+        os.rename(path, f"{path}.fired")
+    except OSError:
+        return  # another worker claimed it
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif how == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    elif how == "exit":
+        os._exit(7)
+    elif how.startswith("sleep:"):
+        import time  # noqa: PLC0415
+
+        time.sleep(float(how.split(":", 1)[1]))
 
 
 def report() -> dict[str, Any]:
