@@ -64,7 +64,16 @@ _NO_LEAK_RESTART = str(1 << 50)
 
 
 class WorkerSlotProcess:
-    """One slot: a single-process loky executor, pinned as its `WorkerSlot` says."""
+    """One slot: a single-process loky executor, pinned as its `WorkerSlot` says.
+
+    The pool needs of a slot only what this class offers: `submit(fn, *args)`
+    returning a concurrent future, `pids()`, `exitcode()`, `kill()`,
+    `shutdown()`, the attributes below, and `crash_errors` (the exceptions
+    by which a future reports that the worker died). Another engine's
+    workers (e.g. Ray actors) plug in by providing the same.
+    """
+
+    crash_errors: tuple[type[BaseException], ...] = (BrokenProcessPool, ShutdownExecutorError)
 
     def __init__(self, slot: WorkerSlot, start_method: str):
         self.slot = slot
@@ -182,13 +191,13 @@ class WorkerPool:
         """Starts workers in parallel and waits until each has imported TensorFlow."""
         for attempt in range(1, self.START_ATTEMPTS + 1):
             for i in indices:
-                self._slots[i] = WorkerSlotProcess(wanted[i], self.start_method)
+                self._slots[i] = self._new_slot(wanted[i])
             futures = {i: self._slots[i].submit(worker.report) for i in indices}
             failed = []
             for i, future in futures.items():
                 try:
                     self._slots[i].last_rss = future.result()["rss"]
-                except BrokenProcessPool:
+                except self._slots[i].crash_errors:
                     failed.append(i)
             if not failed:
                 return
@@ -203,6 +212,10 @@ class WorkerPool:
                     raise error
                 logger.warning("mp_executors: %s; starting it again", error.describe())
             indices = failed
+
+    def _new_slot(self, slot: WorkerSlot) -> WorkerSlotProcess:
+        """Starts the worker of one slot (override to run workers elsewhere)."""
+        return WorkerSlotProcess(slot, self.start_method)
 
     def has_broken(self) -> bool:
         return any(s.broken for s in self._slots)
@@ -303,14 +316,15 @@ class RemoteShard:
         segments = None
         try:
             if method == "put" and not _is_client_data(args[2]):
-                segments = slot.segments.lease()
+                # Without shared memory (workers on other hosts), columns travel inline.
+                segments = slot.segments.lease() if slot.segments is not None else transport.Segments(inline=True)
                 handle, member_type, reps = args
                 method, args = "put_columns", (handle, member_type, transport.encode_columns(member_type, reps, segments))
             args, new_functions = transport.strip_known_functions(args, slot.known_functions)
             self.pool.requests += 1
             future = slot.submit(worker.handle, self.shard_id, releases, method, args, new_functions)
             return await asyncio.wrap_future(future)
-        except (BrokenProcessPool, ShutdownExecutorError) as e:
+        except slot.crash_errors as e:
             phase = "put" if method == "put_columns" else method
             raise self.pool.crashed(slot, phase, (self.start, self.stop)) from e
         finally:

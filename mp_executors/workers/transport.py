@@ -79,16 +79,17 @@ class SegmentPool:
 class Segments:
     """The segments one request leased; given back once the request is done."""
 
-    def __init__(self, pool: SegmentPool | None = None):
+    def __init__(self, pool: SegmentPool | None = None, inline: bool = False):
         self._pool = pool if pool is not None else SegmentPool()
         self._owned_pool = pool is None
+        self._inline = inline  # never use shared memory: arrays travel in the request
         self._segments: list[shared_memory.SharedMemory] = []
 
     def stack(self, items: list[Any], dtype: np.dtype) -> SharedArray | np.ndarray:
         first = np.asarray(items[0])
         shape = (len(items),) + first.shape
         nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if nbytes < SHARED_MEMORY_THRESHOLD:
+        if self._inline or nbytes < SHARED_MEMORY_THRESHOLD:
             return np.stack([np.asarray(x, dtype=dtype) for x in items])
         segment = self._pool._take(nbytes)
         self._segments.append(segment)
