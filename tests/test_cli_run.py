@@ -101,3 +101,11 @@ def test_bad_flags_are_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert cli.main(["run", *args, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_sampling_fewer_clients_than_workers_keeps_the_pool(tmp_path, capsys):
+    # Training calls have 1 client, evaluation calls 16: the pool must not shrink and regrow.
+    assert cli.main(["run", "--rounds", "2", "--clients", "16", "--clients-per-round", "1", "--max-examples", "30",
+                     "--workers", "2", "--no-plots", "--out", str(tmp_path / "k1")]) == 0
+    err = capsys.readouterr().err
+    assert "started 2 worker(s)" in err and "resizing" not in err

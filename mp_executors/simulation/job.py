@@ -110,11 +110,33 @@ def make_factory(args: argparse.Namespace) -> Any:
         kwargs = {} if args.workers is None else {"num_workers": args.workers}
         return mpx.ray_executor_factory(**kwargs)
     try:
-        return mpx.mp_executor_factory(num_workers=args.workers, threads_per_worker=args.threads_per_worker,
-                                       devices=args.devices)
+        return _no_shrink_mp_factory(num_workers=args.workers, threads_per_worker=args.threads_per_worker,
+                                     devices=args.devices)
     except ValueError as e:
         raise JobError(str(e).replace("num_workers", "--workers").replace("threads_per_worker", "--threads-per-worker")
                        .replace("devices", "--devices")) from None
+
+
+def _no_shrink_mp_factory(**kwargs: Any) -> Any:
+    """An mp factory whose pool never shrinks below the most clients it has served.
+
+    Works around the pool's resize-per-call: with client sampling, training calls have K
+    clients and evaluation calls N; when K is below the worker count, each alternation
+    would stop a worker and start it again (~4 s each, and the workers' resident
+    ClientData is dropped). Planning for the high-water mark keeps the pool as it is; a call
+    with fewer clients simply uses fewer of its workers. (Reported; remove once the pool
+    itself keeps warm workers on shrink.)
+    """
+    from mp_executors.factories.mp import MpExecutorFactory  # noqa: PLC0415
+
+    class NoShrinkMpExecutorFactory(MpExecutorFactory):
+        _most_clients = 0
+
+        def plan(self, num_clients: int):
+            self._most_clients = max(self._most_clients, num_clients)
+            return super().plan(self._most_clients)
+
+    return NoShrinkMpExecutorFactory(**kwargs)
 
 
 def runtime_info(args: argparse.Namespace, factory: Any) -> dict:
@@ -142,10 +164,11 @@ def run(args: argparse.Namespace) -> int:
     model, data, cfg = specs_from_args(args)
     if args.dataset == "digits":
         datasets._load_digits()  # fail now, with the install hint, not inside a worker
-    if not args.quiet:
+    logger = logging.getLogger("mp_executors")
+    handler, old_level = None, logger.level
+    if not args.quiet:  # the pool's start and resize lines, for the duration of the job
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
-        logger = logging.getLogger("mp_executors")
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     out_dir = Path(args.out) if args.out else outputs.default_out_dir(args.dataset)
@@ -168,6 +191,9 @@ def run(args: argparse.Namespace) -> int:
             runtime = runtime_info(args, factory)
     finally:
         progress.close()
+        if handler is not None:
+            logger.removeHandler(handler)
+            logger.setLevel(old_level)
     runtime["memory"] = memory.to_dict()
     runtime["environment"] = outputs.environment()
     doc = outputs.build_metrics(
