@@ -73,6 +73,9 @@ _LAZY = {
     "ClientWorkError": "mp_executors.errors",
     "local_executor_factory": "mp_executors.factories.local",
     "mp_executor_factory": "mp_executors.factories.mp",
+    # Ray is an optional extra: imported only when one of these is used.
+    "ray_executor_factory": "mp_executors.factories.ray",
+    "set_ray_execution_context": "mp_executors.factories.ray",
 }
 
 
@@ -130,11 +133,13 @@ __all__ = [
     "infer_type",
     "local_executor_factory",
     "mp_executor_factory",
+    "ray_executor_factory",
     "sequence_map",
     "sequence_reduce",
     "sequence_sum",
     "set_execution_context",
     "set_local_execution_context",
     "set_mp_execution_context",
+    "set_ray_execution_context",
     "tf_computation",
 ]

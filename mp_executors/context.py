@@ -5,8 +5,8 @@ argument (TypeError naming the parameter), infers the number of clients from
 it, asks the factory for an executor for that many clients, runs the
 computation on the executor, and converts the result back to Python.
 
-Invocations run on one event loop in a background thread owned by the
-context, so calling a computation works the same from plain Python and from
+Invocations run on one event loop in a background thread shared by all
+contexts, so calling a computation works the same from plain Python and from
 inside a running asyncio loop (Jupyter).
 """
 
@@ -38,25 +38,13 @@ class ExecutionContext:
                 f"got {type(executor_factory).__name__}."
             )
         self.executor_factory = executor_factory
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def _event_loop(self) -> asyncio.AbstractEventLoop:
-        with self._lock:
-            if self._loop is None:
-                loop = asyncio.new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name="mp_executors-loop", daemon=True)
-                thread.start()
-                self._loop, self._thread = loop, thread
-            return self._loop
 
     def invoke(self, comp: Any, arg: Any) -> Any:
         fn_type: t.FunctionType = comp.type_signature
         if fn_type.parameter is None:
             rep, cardinalities = None, {}
         else:
-            rep, cardinalities = values.convert_argument(arg, fn_type.parameter, f"{comp.name}: argument")
+            rep, cardinalities = values.convert_argument(arg, fn_type.parameter, comp.argument_path())
         attempts = 0
         while True:
             executor = self.executor_factory.create_executor(cardinalities)
@@ -75,7 +63,7 @@ class ExecutionContext:
         return values.to_python(result, fn_type.result)
 
     def _wait(self, coro) -> Any:
-        future = asyncio.run_coroutine_threadsafe(coro, self._event_loop())
+        future = asyncio.run_coroutine_threadsafe(coro, _event_loop())
         try:
             return future.result()
         except KeyboardInterrupt:
@@ -98,12 +86,26 @@ class ExecutionContext:
         return await result.compute()
 
     def close(self) -> None:
-        """Closes the factory (and its workers) and stops the event loop."""
+        """Closes the factory (and its workers)."""
         self.executor_factory.close()
-        with self._lock:
-            loop, self._loop = self._loop, None
-        if loop is not None:
-            loop.call_soon_threadsafe(loop.stop)
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """The one event loop, in a daemon thread, that runs every invocation.
+
+    Shared by all contexts: a `with execution_context(factory)` block costs
+    no thread or file descriptor of its own.
+    """
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="mp_executors-loop", daemon=True).start()
+        return _loop
 
 
 _default: ExecutionContext | None = None

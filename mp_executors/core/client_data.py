@@ -36,14 +36,29 @@ class ClientData:
                 f"({type(e).__name__}: {e}); use a module-level function over picklable values."
             ) from None
         self.fn = fn
+        if isinstance(client_ids, (str, bytes)) or not hasattr(client_ids, "__iter__"):
+            raise TypeError(
+                f"ClientData: client_ids must be a sequence of client ids (e.g. range(100)), "
+                f"got {type(client_ids).__name__} {client_ids!r}."
+            )
         self.client_ids = list(client_ids)
         if not self.client_ids:
             raise ValueError("ClientData: client_ids is empty; give at least one client id.")
         if element_type is None:
             from mp_executors.core.values import infer_type  # noqa: PLC0415 - avoid a cycle
 
-            element_type = infer_type(fn(self.client_ids[0]))
-        self.element_type = t.to_type(element_type)
+            sample = fn(self.client_ids[0])
+            try:
+                element_type = infer_type(sample)
+            except TypeError as e:
+                raise TypeError(
+                    f"ClientData: fn({self.client_ids[0]!r}) returned a value whose type cannot be inferred "
+                    f"({e}); return numpy arrays or structures of them, or pass element_type=."
+                ) from None
+        try:
+            self.element_type = t.to_type(element_type)
+        except TypeError as e:
+            raise TypeError(f"ClientData: element_type {element_type!r} is not a type ({e}).") from None
         # Identifies this description across calls: workers cache built data by it.
         self.key = uuid.uuid4().hex
 

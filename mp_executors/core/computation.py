@@ -191,6 +191,15 @@ class Computation:
     def __repr__(self) -> str:
         return f"Computation({self.name}: {self.type_signature})"
 
+    def argument_path(self) -> str:
+        """How call-time errors name the argument: "fn: parameter 'xs'" or "fn: argument"."""
+        from mp_executors.core.tensorflow_computation import parameter_names  # noqa: PLC0415
+
+        names = parameter_names(self._python_fn) if self._python_fn is not None else None
+        if not self._unpack and names and len(names) == 1:
+            return f"{self.name}: parameter {names[0]!r}"
+        return f"{self.name}: argument"
+
     def pack_arguments(self, args: tuple, kwargs: dict) -> Any:
         """Packs call-site arguments into the single parameter value."""
         if kwargs:
@@ -298,11 +307,15 @@ def _user_parameter(node: bb.BuildingBlock, type_spec: t.Type) -> Any:
 def trace_federated(fn: Callable, parameter: t.Type | None, unpack: bool) -> bb.Lambda:
     trace = _Trace()
     _traces().append(trace)
+    param_name = None
     try:
         if parameter is None:
             result = fn()
         else:
-            ref = bb.Reference("arg", parameter)
+            # A name of its own: an inner computation's parameter must not shadow
+            # the outer one's, or a closure over it would look bound.
+            param_name = f"_arg{next(_names)}"
+            ref = bb.Reference(param_name, parameter)
             if unpack:
                 result = fn(*[_user_parameter(bb.Selection(ref, i), e) for i, e in enumerate(parameter)])
             else:
@@ -313,7 +326,7 @@ def trace_federated(fn: Callable, parameter: t.Type | None, unpack: bool) -> bb.
     finally:
         _traces().pop()
     body = bb.Block(trace.bindings, result_node) if trace.bindings else result_node
-    return bb.Lambda(None if parameter is None else "arg", parameter, body)
+    return bb.Lambda(None if parameter is None else param_name, parameter, body)
 
 
 def _build_federated(fn: Callable, parameter_types: tuple) -> Computation:

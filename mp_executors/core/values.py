@@ -82,6 +82,8 @@ def _tensor(value: Any, ts: t.TensorType, path: str) -> np.ndarray:
         value = value.numpy()
     if ts.dtype == np.dtype(object):
         arr = np.asarray(value, dtype=object)
+        if not all(isinstance(x, (str, bytes, np.str_, np.bytes_)) for x in arr.reshape(-1)):
+            raise TypeError(f"{path}: expected {ts}: strings or bytes, got {_describe(value)}.")
     else:
         try:
             arr = np.asarray(value)
@@ -194,6 +196,12 @@ def infer_cardinalities(value: Any, type_spec: t.Type) -> dict[t.Placement, int]
 def _cardinality_from(found: list[tuple[str, int]]) -> dict[t.Placement, int]:
     if not found:
         return {}
+    for path, n in found:
+        if n == 0:
+            raise ValueError(
+                f"{path} has 0 clients (an empty list); a CLIENTS value needs one entry per client "
+                "(default_num_clients only applies when no CLIENTS argument is given)."
+            )
     first_path, first_n = found[0]
     for path, n in found[1:]:
         if n != first_n:

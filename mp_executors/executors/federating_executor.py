@@ -43,6 +43,12 @@ class ShardTarget(Protocol):
     start: int
     stop: int
 
+    def prepare(self, method: str, args: tuple) -> tuple[str, tuple]:
+        """Turns a request into what `call` sends; raises on what cannot be sent."""
+
+    def discard_prepared(self) -> None:
+        """Drops what `prepare` set aside for requests that will not be sent."""
+
     async def call(self, releases: list[int], method: str, *args: Any) -> Any: ...
 
     def close(self) -> None: ...
@@ -54,6 +60,12 @@ class InProcessShard:
     def __init__(self, start: int, stop: int, device: str | None = None):
         self.start, self.stop = start, stop
         self.shard = ClientShard(start, stop, device)
+
+    def prepare(self, method: str, args: tuple) -> tuple[str, tuple]:
+        return method, args
+
+    def discard_prepared(self) -> None:
+        pass
 
     async def call(self, releases: list[int], method: str, *args: Any) -> Any:
         if releases:
@@ -121,11 +133,18 @@ class FederatingExecutor(Executor):
                 "this computation has CLIENTS-placed values but the number of clients is 0; pass a "
                 "CLIENTS argument with one value per client, or set default_num_clients on the factory."
             )
+        # Prepare every shard's request first (this may refuse bad input, e.g. a
+        # dataset that cannot leave this process), so nothing is sent unless all can be.
+        requests = []
+        try:
+            for s in self._shards:
+                requests.append(s.prepare(method, per_shard(s) if per_shard else args))
+        except BaseException:
+            for s in self._shards:
+                s.discard_prepared()
+            raise
         releases, self._pending_release = self._pending_release, []
-        calls = [
-            s.call(releases, method, *(per_shard(s) if per_shard else args))
-            for s in self._shards
-        ]
+        calls = [s.call(releases, m, *a) for s, (m, a) in zip(self._shards, requests)]
         results = await asyncio.gather(*calls, return_exceptions=True)
         # Every shard has answered; report the failure of the lowest clients first,
         # so that which error wins does not depend on timing.

@@ -50,7 +50,8 @@ class MpExecutorFactory(CachingExecutorFactory):
             workers_per_gpu=workers_per_gpu, memory_per_worker=memory_per_worker,
         )
         # Validate every sizing argument now, before any call dispatches work.
-        self.plan(max(num_workers or 1, 1) if isinstance(num_workers, int) else 1)
+        valid_count = isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers > 0
+        self.plan(num_workers if valid_count else 1)
         self.pool = WorkerPool(start_method)
 
     def plan(self, num_clients: int) -> PoolPlan:

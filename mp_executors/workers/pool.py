@@ -308,18 +308,42 @@ class RemoteShard:
     def __init__(self, pool: WorkerPool, slot: WorkerSlotProcess, shard_id: int, start: int, stop: int):
         self.pool, self.slot, self.shard_id = pool, slot, shard_id
         self.start, self.stop = start, stop
+        self._prepared: dict[int, transport.Segments] = {}  # put handle -> leased segments
+
+    def prepare(self, method: str, args: tuple) -> tuple[str, tuple]:
+        """Stacks a `put`'s client values into columns (shared memory when large).
+
+        Runs for every shard before any request is sent, so a value that cannot
+        travel (e.g. a dataset built from Python code) is refused up front.
+        """
+        if method != "put" or _is_client_data(args[2]):
+            return method, args
+        handle, member_type, reps = args
+        slot = self.slot
+        # Without shared memory (workers on other hosts), columns travel inline.
+        segments = slot.segments.lease() if slot.segments is not None else transport.Segments(inline=True)
+        try:
+            columns = transport.encode_columns(member_type, reps, segments, first_client=self.start)
+        except BaseException:
+            segments.release()
+            raise
+        self._prepared[handle] = segments
+        return "put_columns", (handle, member_type, columns)
+
+    def discard_prepared(self) -> None:
+        for segments in self._prepared.values():
+            segments.release()
+        self._prepared.clear()
 
     async def call(self, releases: list[int], method: str, *args: Any) -> Any:
         slot = self.slot
-        if slot.broken:
-            raise self.pool.crashed(slot, method, (self.start, self.stop))
-        segments = None
+        segments = self._prepared.pop(args[0], None) if method == "put_columns" else None
         try:
-            if method == "put" and not _is_client_data(args[2]):
-                # Without shared memory (workers on other hosts), columns travel inline.
-                segments = slot.segments.lease() if slot.segments is not None else transport.Segments(inline=True)
-                handle, member_type, reps = args
-                method, args = "put_columns", (handle, member_type, transport.encode_columns(member_type, reps, segments))
+            if method == "put":  # not prepared by the caller
+                method, args = self.prepare(method, args)
+                segments = self._prepared.pop(args[0], None)
+            if slot.broken:
+                raise self.pool.crashed(slot, method, (self.start, self.stop))
             args, new_functions = transport.strip_known_functions(args, slot.known_functions)
             self.pool.requests += 1
             future = slot.submit(worker.handle, self.shard_id, releases, method, args, new_functions)

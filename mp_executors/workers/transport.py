@@ -136,7 +136,7 @@ def read_shared(ref: SharedArray) -> Any:
         del view
 
 
-def encode_columns(member_type: Any, reps: list[Any], segments: Segments) -> list[tuple[str, Any]]:
+def encode_columns(member_type: Any, reps: list[Any], segments: Segments, first_client: int = 0) -> list[tuple[str, Any]]:
     """Per-client reps -> columns ready to send: ('batched', array|SharedArray) or ('per_client', list)."""
     from mp_executors.core import structure  # noqa: PLC0415
     from mp_executors.core import types as t  # noqa: PLC0415
@@ -152,7 +152,17 @@ def encode_columns(member_type: Any, reps: list[Any], segments: Segments) -> lis
         if _is_tensor_leaf(lt) and items and all(np.shape(x) == np.shape(items[0]) for x in items):
             columns.append(("batched", segments.stack(items, lt.dtype)))
         elif isinstance(lt, t.SequenceType):
-            columns.append(("datasets", (lt, [dataset_to_graph(ds, lt) for ds in items])))
+            graphs = []
+            for i, ds in enumerate(items):
+                try:
+                    graphs.append(dataset_to_graph(ds, lt))
+                except Exception as e:  # noqa: BLE001 - TF says why in many ways
+                    raise TypeError(
+                        f"client {first_client + i}'s dataset cannot be sent to a worker process: it depends on "
+                        f"Python state in this process (from_generator, py_function, ...): {type(e).__name__}. "
+                        "Build it from tensors (from_tensor_slices), or in the workers with mpx.ClientData."
+                    ) from None
+            columns.append(("datasets", (lt, graphs)))
         else:
             columns.append(("per_client", items))
     return columns
@@ -164,7 +174,9 @@ def dataset_to_graph(dataset: Any, sequence_type: Any) -> bytes:
     from mp_executors.core import tensorflow_computation as tfc  # noqa: PLC0415
 
     dataset = tfc.as_dataset(dataset, sequence_type)
-    graph = tf.raw_ops.DatasetToGraphV2(input_dataset=dataset._variant_tensor, external_state_policy=1)
+    # external_state_policy=2 (FAIL): a dataset that needs this process's Python
+    # (from_generator, py_function) cannot be rebuilt elsewhere; refuse it here.
+    graph = tf.raw_ops.DatasetToGraphV2(input_dataset=dataset._variant_tensor, external_state_policy=2)
     return graph.numpy()
 
 
