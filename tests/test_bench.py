@@ -50,7 +50,8 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
     start = time.perf_counter()
     assert cli.main(["bench", "--quick", "--out", str(out)]) == 0
     elapsed = time.perf_counter() - start
-    assert elapsed < 60, f"--quick took {elapsed:.0f} s"
+    # ~30 s on a quiet 2-core machine; the bound leaves room for a loaded CI box.
+    assert elapsed < 120, f"--quick took {elapsed:.0f} s"
     stdout = capsys.readouterr().out
     doc = json.loads((out / "bench.json").read_text())
     assert doc["suite"] == "quick"
@@ -110,7 +111,7 @@ def test_peer_rows_and_ratios(tmp_path):
            "machine": {"cpus": 2, "memory": 2**34, "python": "3", "tensorflow": "2"},
            "config": {"rounds": 3, "big_rounds": 3, "big_threshold": 10_000, "fedavg_clients": [10]}, "notes": []}
     md = bench.markdown(doc)
-    assert "TFF 0.87 native runtime (peer)" in md and "| fedavg | 100 | mp | 0.25 |" in md
+    assert "TFF 0.87 native runtime (peer)" in md and "| fedavg, mp | 0.25 |" in md
 
 
 def test_peer_failure_becomes_a_note(tmp_path):

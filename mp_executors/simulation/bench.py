@@ -246,6 +246,11 @@ class Suite:
         for w in self.cfg.workers:
             self.log(f"FedAvg, {n} resident clients, {w} worker(s), {rounds} rounds")
             resident = mpx.ClientData(W.make_client, list(range(n)), W.DATA_TYPE)
+            if self._mp is not None and self._mp.plan(n).num_workers == w:
+                # The suite's auto-sized pool already has w workers: no need to start another.
+                self.add("workers", "mp-resident", n, self._fedavg_rounds(self._mp, resident, rounds), workers=w)
+                self._mp.clean_up_executor({mpx.CLIENTS: n})
+                continue
             with mpx.mp_executor_factory(num_workers=w) as factory:
                 self.add("workers", "mp-resident", n, self._fedavg_rounds(factory, resident, rounds), workers=w)
 
@@ -467,9 +472,9 @@ def run_suite(out_dir: Path, quick: bool = False, rounds: int | None = None, pee
     try:
         suite.fedavg()
         suite.overhead()
+        suite.workers()
     finally:
         suite.close()
-    suite.workers()
     venv = peer_venv or DEFAULT_PEER_VENV
     if peer != "off" and not quick:
         script = find_peer_script()
