@@ -108,7 +108,10 @@ def make_factory(args: argparse.Namespace) -> Any:
         if not hasattr(mpx, "ray_executor_factory"):
             raise JobError("the ray executor is not available yet")
         kwargs = {} if args.workers is None else {"num_workers": args.workers}
-        return mpx.ray_executor_factory(**kwargs)
+        try:
+            return mpx.ray_executor_factory(**kwargs)
+        except ValueError as e:
+            raise JobError(str(e).replace("num_workers", "--workers")) from None
     try:
         return _no_shrink_mp_factory(num_workers=args.workers, threads_per_worker=args.threads_per_worker,
                                      devices=args.devices)
