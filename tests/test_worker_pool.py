@@ -269,7 +269,13 @@ def test_auto_pool_grows_and_shrinks_with_the_client_count():
         # Slot 0 is unchanged by the growth: its warm worker is kept.
         assert grown[0] == first_worker
 
+        # Fewer clients again: the extra worker stays warm while it was used recently...
         assert _call(ctx, sum_plus_one, [np.float32(-1.0)]) == np.float32(0.0)
+        assert factory.pool.size == expected
+        assert _worker_identities(factory) == grown
+        # ...and goes once it has been idle for idle_shrink_seconds.
+        factory.pool.idle_shrink_seconds = 0.0
+        assert _call(ctx, sum_plus_one, [np.float32(-2.0)]) == np.float32(-1.0)
         assert factory.pool.size == 1
         assert _worker_identities(factory) == [first_worker]
         dropped = {pid: ct for pid, ct in grown[1:]}

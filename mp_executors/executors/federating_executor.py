@@ -94,6 +94,8 @@ class FederatedValue(ExecutorValue):
         return self._type
 
     async def compute(self) -> Any:
+        if self._executor is not None:
+            await self._executor._drain()
         if self.kind == "clients":
             return await self._executor._gather(self)
         if self.kind == "eager":
@@ -115,6 +117,7 @@ class FederatingExecutor(Executor):
         self._num_clients = num_clients
         self._handles = itertools.count(1)
         self._pending_release: list[int] = []
+        self._inflight: list[asyncio.Future] = []  # requests sent with wait=False
 
     @property
     def num_clients(self) -> int:
@@ -126,8 +129,19 @@ class FederatingExecutor(Executor):
 
     # ------------------------------------------------------------------ shard plumbing
 
-    async def _each(self, method: str, *args: Any, per_shard=None) -> list[Any]:
-        """One request per shard, concurrently; `per_shard(shard)` gives its args."""
+    async def _each(self, method: str, *args: Any, per_shard=None, wait: bool = True) -> list[Any] | None:
+        """One request per shard, concurrently; `per_shard(shard)` gives its args.
+
+        With `wait=False` (requests whose reply is only an acknowledgement:
+        put, broadcast, map, zip, ...) the requests are sent and not awaited:
+        a worker runs its requests in order, so the next intrinsic can be sent
+        at once, and the parent spends one round-trip latency per call instead
+        of one per intrinsic. Their outcome is collected by `_drain()` before
+        any reply is read, and before any value is computed, so an error (or a
+        dead worker) is still reported, in order.
+        """
+        if wait:
+            await self._drain()
         if not self._shards:
             raise ValueError(
                 "this computation has CLIENTS-placed values but the number of clients is 0; pass a "
@@ -145,13 +159,19 @@ class FederatingExecutor(Executor):
             raise
         releases, self._pending_release = self._pending_release, []
         calls = [s.call(releases, m, *a) for s, (m, a) in zip(self._shards, requests)]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        # Every shard has answered; report the failure of the lowest clients first,
-        # so that which error wins does not depend on timing.
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return results
+        gathered = asyncio.gather(*calls, return_exceptions=True)
+        if not wait:
+            self._inflight.append(asyncio.ensure_future(gathered))
+            return None
+        return _first_error_or(await gathered)
+
+    async def _drain(self) -> None:
+        """Waits for every request sent without waiting; raises the first failure."""
+        while self._inflight:
+            inflight, self._inflight = self._inflight, []
+            outcomes = [await f for f in inflight]
+            for results in outcomes:
+                _first_error_or(results)
 
     def _new_clients(self, member: t.Type, all_equal: bool, handle: int) -> FederatedValue:
         return FederatedValue(t.FederatedType(member, t.CLIENTS, all_equal), "clients", handle, self)
@@ -163,7 +183,7 @@ class FederatingExecutor(Executor):
         return [v for part in parts for v in part]
 
     def _eager(self, rep: Any, type_spec: t.Type) -> FederatedValue:
-        return FederatedValue(type_spec, "eager", EagerValue(rep, _unplaced(type_spec)))
+        return FederatedValue(type_spec, "eager", EagerValue(rep, _unplaced(type_spec)), self)
 
     async def _rep(self, value: FederatedValue) -> Any:
         if value.kind == "eager":
@@ -186,9 +206,9 @@ class FederatingExecutor(Executor):
         if isinstance(value, FederatedValue):
             return value
         if isinstance(value, (bb.Intrinsic, bb.CompiledComputation, bb.Lambda)):
-            return FederatedValue(value.type_signature, "function", value)
+            return FederatedValue(value.type_signature, "function", value, self)
         if isinstance(value, bb.PlacementLiteral):
-            return FederatedValue(value.type_signature, "function", value)
+            return FederatedValue(value.type_signature, "function", value, self)
         from mp_executors.core import values  # noqa: PLC0415
 
         type_spec = values.infer_type(value) if type_spec is None else t.to_type(type_spec)
@@ -197,20 +217,20 @@ class FederatingExecutor(Executor):
         if isinstance(type_spec, t.StructType) and t.is_federated(type_spec):
             items = structure.from_container(value).items()
             parts = [(n, await self.create_value(v, et)) for (n, v), et in zip(items, type_spec)]
-            return FederatedValue(t.StructType([(n, p.type_signature) for n, p in parts]), "struct", parts)
+            return FederatedValue(t.StructType([(n, p.type_signature) for n, p in parts]), "struct", parts, self)
         eager = await self._server.create_value(value, type_spec)
-        return FederatedValue(type_spec, "eager", eager)
+        return FederatedValue(type_spec, "eager", eager, self)
 
     async def _place(self, value: Any, type_spec: t.FederatedType) -> FederatedValue:
         if type_spec.placement == t.SERVER:
             eager = await self._server.create_value(value, type_spec.member)
-            return FederatedValue(type_spec, "eager", eager)
+            return FederatedValue(type_spec, "eager", eager, self)
         handle = next(self._handles)
         if type_spec.all_equal:
             from mp_executors.core import values  # noqa: PLC0415
 
             rep = values.to_representation(value, type_spec.member, "value")
-            await self._each("put_all_equal", handle, type_spec.member, rep)
+            await self._each("put_all_equal", handle, type_spec.member, rep, wait=False)
             return self._new_clients(type_spec.member, True, handle)
         if len(value) != self._num_clients:
             raise ValueError(
@@ -223,12 +243,12 @@ class FederatingExecutor(Executor):
                 return (handle, type_spec.member, value.subset(shard.start, shard.stop))
             return (handle, type_spec.member, list(value[shard.start : shard.stop]))
 
-        await self._each("put", per_shard=part)
+        await self._each("put", per_shard=part, wait=False)
         return self._new_clients(type_spec.member, False, handle)
 
     async def create_struct(self, elements: Any) -> FederatedValue:
         items = element_items(elements)
-        return FederatedValue(t.StructType([(n, v.type_signature) for n, v in items]), "struct", items)
+        return FederatedValue(t.StructType([(n, v.type_signature) for n, v in items]), "struct", items, self)
 
     async def create_selection(self, source: ExecutorValue, index: int | str) -> FederatedValue:
         ts = source.type_signature
@@ -236,7 +256,7 @@ class FederatingExecutor(Executor):
             return source.payload[ts.index_of(index)][1]
         if source.kind == "eager":
             eager = await self._server.create_selection(source.payload, index)
-            return FederatedValue(eager.type_signature, "eager", eager)
+            return FederatedValue(eager.type_signature, "eager", eager, self)
         raise TypeError(f"cannot select {index!r} from a value of type {ts}.")
 
     async def create_call(self, comp: ExecutorValue, arg: ExecutorValue | None = None) -> FederatedValue:
@@ -248,7 +268,7 @@ class FederatingExecutor(Executor):
             if handler is None:
                 if fn.uri.startswith("sequence_"):
                     eager = await self._server.create_call(await self._server.create_value(fn), await self._to_eager(arg))
-                    return FederatedValue(fn.type_signature.result, "eager", eager)
+                    return FederatedValue(fn.type_signature.result, "eager", eager, self)
                 raise NotImplementedError(f"intrinsic {fn.uri} is not implemented.")
             operands = [arg] if fn.type_signature.parameter is None or not _is_operand_struct(fn) else [v for _, v in arg.payload]
             return await handler(fn.type_signature, *operands)
@@ -274,7 +294,7 @@ class FederatingExecutor(Executor):
 
     async def _federated_value_at_clients(self, fn_type, value):
         handle = next(self._handles)
-        await self._each("put_all_equal", handle, value.type_signature, await self._rep(value))
+        await self._each("put_all_equal", handle, value.type_signature, await self._rep(value), wait=False)
         return self._new_clients(value.type_signature, True, handle)
 
     async def _federated_value_at_server(self, fn_type, value):
@@ -282,7 +302,7 @@ class FederatingExecutor(Executor):
 
     async def _federated_eval_at_clients(self, fn_type, fn):
         handle = next(self._handles)
-        await self._each("eval", handle, fn.payload)
+        await self._each("eval", handle, fn.payload, wait=False)
         return self._new_clients(fn_type.result.member, False, handle)
 
     async def _federated_eval_at_server(self, fn_type, fn):
@@ -290,12 +310,12 @@ class FederatingExecutor(Executor):
 
     async def _federated_broadcast(self, fn_type, value):
         handle = next(self._handles)
-        await self._each("put_all_equal", handle, fn_type.result.member, await self._rep(value))
+        await self._each("put_all_equal", handle, fn_type.result.member, await self._rep(value), wait=False)
         return self._new_clients(fn_type.result.member, True, handle)
 
     async def _federated_map(self, fn_type, fn, value):
         handle = next(self._handles)
-        await self._each("map", handle, fn.payload, value.payload)
+        await self._each("map", handle, fn.payload, value.payload, wait=False)
         return self._new_clients(fn_type.result.member, False, handle)
 
     async def _federated_apply(self, fn_type, fn, value):
@@ -306,7 +326,7 @@ class FederatingExecutor(Executor):
         if value.kind != "struct" or any(v.kind != "clients" for _, v in value.payload):
             raise TypeError(f"federated_zip expects a struct of CLIENTS values, got {value.type_signature}.")
         parts = [(n, v.payload) for n, v in value.payload]
-        await self._each("zip", handle, parts, fn_type.result.member.container_type)
+        await self._each("zip", handle, parts, fn_type.result.member.container_type, wait=False)
         return self._new_clients(fn_type.result.member, fn_type.result.all_equal, handle)
 
     async def _federated_zip_at_server(self, fn_type, value):
@@ -316,7 +336,7 @@ class FederatingExecutor(Executor):
         i = int(await self._rep(index))
         if value.kind == "clients":
             handle = next(self._handles)
-            await self._each("select", handle, value.payload, i)
+            await self._each("select", handle, value.payload, i, wait=False)
             return self._new_clients(fn_type.result.member, fn_type.result.all_equal, handle)
         return self._eager((await self._rep(value))[i], fn_type.result)
 
@@ -352,6 +372,15 @@ class FederatingExecutor(Executor):
         for partial in partials[1:]:
             acc = await self._apply(merge.payload, Struct.unnamed(acc, partial))
         return self._eager(await self._apply(report.payload, acc), fn_type.result)
+
+
+def _first_error_or(results: list[Any]) -> list[Any]:
+    # Every shard has answered; report the failure of the lowest clients first,
+    # so that which error wins does not depend on timing.
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 def _is_operand_struct(fn: bb.Intrinsic) -> bool:

@@ -15,9 +15,11 @@ different plan.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
+from mp_executors.core.types import CLIENTS
 from mp_executors.executors.client_shard import BLOCK_SIZE
 from mp_executors.executors.eager_tf_executor import EagerTFExecutor
 from mp_executors.executors.federating_executor import FederatingExecutor
@@ -45,6 +47,7 @@ class MpExecutorFactory(CachingExecutorFactory):
         self.server_device = server_device
         self.client_devices = tuple(client_devices)
         self._machine = machine
+        self._reading: tuple[float, Any] | None = None
         self._plan_args = dict(
             num_workers=num_workers, threads_per_worker=threads_per_worker, devices=devices,
             workers_per_gpu=workers_per_gpu, memory_per_worker=memory_per_worker,
@@ -54,25 +57,38 @@ class MpExecutorFactory(CachingExecutorFactory):
         self.plan(num_workers if valid_count else 1)
         self.pool = WorkerPool(start_method)
 
+    #: How long a machine reading (free memory, CPUs) is reused for planning.
+    MACHINE_READING_SECONDS = 5.0
+
     def plan(self, num_clients: int) -> PoolPlan:
         """The pool plan this factory would use for `num_clients` clients."""
-        machine = self._machine or detect_machine()
+        machine = self._machine
+        if machine is None:
+            if self._reading is None or time.monotonic() - self._reading[0] > self.MACHINE_READING_SECONDS:
+                self._reading = (time.monotonic(), detect_machine())
+            machine = self._reading[1]
         return plan_pool(num_clients, machine=machine, **self._plan_args)
 
     def _build(self, num_clients: int) -> ReferenceResolvingExecutor:
         shards = []
         if num_clients:
             plan = self.plan(num_clients)
-            current = self.pool.plan
-            if current is None or current.slots != plan.slots or self.pool.has_broken():
-                if current is not None:
-                    logger.info("mp_executors: resizing the pool from %d to %d workers for %d clients",
-                                len(current.slots), plan.num_workers, num_clients)
-                    self._drop_cached_executors()
-                self.pool.resize(plan)
+            if self.pool.fit(plan):
+                self._drop_cached_executors()  # their shards lived in workers that were stopped
             ranges = split_clients(num_clients, plan.num_workers, BLOCK_SIZE)
             shards = self.pool.open_shards(ranges)
         return ReferenceResolvingExecutor(FederatingExecutor(EagerTFExecutor(self.server_device), shards, num_clients))
+
+    def create_executor(self, cardinalities):
+        executor = super().create_executor(cardinalities)
+        n = self.resolve_cardinalities(cardinalities)[CLIENTS]
+        if n and self.pool.size:
+            needed = len(split_clients(n, self.plan(n).num_workers, BLOCK_SIZE))
+            if self.pool.shrink_idle(needed):
+                with self._lock:
+                    self._drop_cached_executors()
+                executor = super().create_executor(cardinalities)
+        return executor
 
     def _drop_cached_executors(self) -> None:
         # Their shards live in workers that are about to change.

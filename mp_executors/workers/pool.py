@@ -39,6 +39,7 @@ The moving parts:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import os
@@ -94,6 +95,7 @@ class WorkerSlotProcess:
         self.broken = False
         self.last_rss: int | None = None
         self.pending: set[Any] = set()  # concurrent futures not yet done
+        self.last_used = time.monotonic()
 
     def submit(self, fn, *args) -> Any:
         future = self.executor.submit(fn, *args)
@@ -186,6 +188,56 @@ class WorkerPool:
                 len(new), time.perf_counter() - started, len(self._slots),
                 "; ".join(f"slot {s.slot.index} cpus={list(s.slot.cpus)} gpu={s.slot.gpu}" for s in self._slots),
             )
+
+    #: A worker beyond what the current call needs is kept warm this long after
+    #: its last request: alternating between many and few clients (training on a
+    #: sample, evaluating on all) must not restart workers every call.
+    idle_shrink_seconds = 60.0
+
+    def fit(self, plan: PoolPlan) -> bool:
+        """Makes the pool serve `plan`, keeping warm workers where it can.
+
+        Grows by starting the missing slots (extra running workers are kept:
+        see `shrink_idle`); a plan whose slots differ from the running ones
+        (other CPUs, threads or GPU) resizes. Returns True when a running worker
+        was stopped or replaced, i.e. when executors built earlier are stale.
+        """
+        running = [s.slot for s in self._slots]
+        wanted = list(plan.slots)
+        common = min(len(running), len(wanted))
+        if self.has_broken() or running[:common] != wanted[:common]:
+            stale = bool(self._slots)
+            if stale:
+                logger.info("mp_executors: re-planning the pool: %d -> %d workers", len(running), len(wanted))
+            self.resize(plan)
+            return stale
+        if len(wanted) > len(running):
+            logger.info("mp_executors: growing the pool from %d to %d workers", len(running), len(wanted))
+            self.resize(plan)
+            return False
+        return False
+
+    def shrink_idle(self, needed: int) -> bool:
+        """Stops the workers beyond the first `needed` that have been idle long enough.
+
+        Returns True when a worker was stopped (executors using it are stale).
+        """
+        now = time.monotonic()
+        keep = len(self._slots)
+        # Only a contiguous tail can go: slots keep their indices.
+        while keep > max(needed, 0) and now - self._slots[keep - 1].last_used >= self.idle_shrink_seconds:
+            keep -= 1
+        if keep == len(self._slots):
+            return False
+        logger.info("mp_executors: shrinking the pool from %d to %d workers (idle for %.0f s or more)",
+                    len(self._slots), keep, self.idle_shrink_seconds)
+        with self._lock:
+            gone, self._slots = self._slots[keep:], self._slots[:keep]
+            if self.plan is not None:
+                self.plan = dataclasses.replace(self.plan, num_workers=keep, slots=self.plan.slots[:keep])
+        for slot in gone:
+            slot.shutdown()
+        return True
 
     def _start_slots(self, indices: list[int], wanted: list[WorkerSlot]) -> None:
         """Starts workers in parallel and waits until each has imported TensorFlow."""
@@ -346,6 +398,7 @@ class RemoteShard:
                 raise self.pool.crashed(slot, method, (self.start, self.stop))
             args, new_functions = transport.strip_known_functions(args, slot.known_functions)
             self.pool.requests += 1
+            slot.last_used = time.monotonic()
             future = slot.submit(worker.handle, self.shard_id, releases, method, args, new_functions)
             return await asyncio.wrap_future(future)
         except slot.crash_errors as e:
