@@ -7,12 +7,18 @@ factories ``"mp-1"``, ``"mp-2"``, ``"mp-3"``).
 
 Set ``MPX_TEST_FACTORIES=local,mp-2`` to restrict a run to some kinds.
 
+When Ray is installed (the ``ray`` extra), the kind ``"ray-2"`` runs the suite
+on ``ray_executor_factory`` (2 actors) over ONE local Ray instance shared by
+the whole session (``shared_ray()``: loopback, 2 CPUs, no dashboard), stopped
+when the session ends.
+
 Tests that need non-default factory settings (``default_num_clients``,
 ``max_fanout``, ...) take ``make_factory`` and call ``make_factory(**kwargs)``;
 it builds a factory of the same kind as ``factory``, caches it for the session
 and closes it at the end.
 """
 
+import importlib.util
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -32,6 +38,47 @@ FACTORY_BUILDERS: dict[str, Callable[..., Any]] = {
     "mp-2": lambda **kwargs: mpx.mp_executor_factory(num_workers=2, **kwargs),
     "mp-3": lambda **kwargs: mpx.mp_executor_factory(num_workers=3, **kwargs),
 }
+
+_shared_ray_started: list[bool] = []
+
+
+def shared_ray() -> None:
+    """Starts the session's one local Ray instance (loopback, 2 CPUs, no dashboard) once."""
+    import ray  # noqa: PLC0415
+
+    if not ray.is_initialized():
+        from mp_executors.factories.ray import init_local_ray  # noqa: PLC0415
+
+        init_local_ray(num_cpus=2)
+        _shared_ray_started.append(True)
+
+
+def _ray_factory(**kwargs):
+    shared_ray()
+    # Up to three factories of a kind are alive at once (make_factory caches one per
+    # setting), more actors than the 2 CPUs: place them without reserving CPUs.
+    return mpx.ray_executor_factory(num_workers=2, actor_options={"num_cpus": 0}, **kwargs)
+
+
+if importlib.util.find_spec("ray") is not None:
+    FACTORY_BUILDERS["ray-2"] = _ray_factory
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    """The session's shared local Ray instance (tests/test_ray.py)."""
+    shared_ray()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_shared_ray():
+    """Stops the shared Ray instance after every factory of the session is closed."""
+    yield
+    if _shared_ray_started:
+        import ray  # noqa: PLC0415
+
+        ray.shutdown()
+        _shared_ray_started.clear()
 
 
 def _selected_kinds() -> list[str]:

@@ -20,6 +20,7 @@ import logging
 import numbers
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,7 +51,7 @@ def init_local_ray(num_cpus: int | None = None, **init_kwargs: Any) -> None:
     kwargs = {"address": "local", "include_dashboard": False, "num_cpus": num_cpus,
               "logging_level": logging.WARNING, **init_kwargs}
     saved_env = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+    saved_constant = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
@@ -90,6 +91,9 @@ def cluster_machine(gpus_per_worker: float = 0) -> Machine:
 class RayExecutorFactory(MpExecutorFactory):
     """`MpExecutorFactory` over Ray actors, planned for the Ray cluster."""
 
+    #: How long a reading of the cluster's resources is reused for planning.
+    MACHINE_READING_SECONDS = 5.0
+
     def __init__(self, address: str | None = None, default_num_clients: int = 0, max_fanout: int = 100,
                  server_device: str | None = None, client_devices: Sequence[str] = (), *,
                  num_workers: int | None = None, cpus_per_worker: int | None = None, gpus_per_worker: float = 0,
@@ -105,6 +109,7 @@ class RayExecutorFactory(MpExecutorFactory):
         self.gpus_per_worker = gpus_per_worker
         self.init_kwargs = dict(init_kwargs or {})
         self._owns_ray = False
+        self._reading: tuple[float, Machine] | None = None
         # Checks every sizing argument now, on a stand-in machine: the cluster is
         # only connected to when a call needs workers.
         n = cpus_per_worker if isinstance(cpus_per_worker, int) and cpus_per_worker > 0 else 1
@@ -141,9 +146,13 @@ class RayExecutorFactory(MpExecutorFactory):
 
     def plan(self, num_clients: int) -> PoolPlan:
         """The pool plan for `num_clients` clients on the Ray cluster (connects to it)."""
-        if self._machine is None:
+        machine = self._machine
+        if machine is None:
             self.connect()
-        machine = self._machine or cluster_machine(self.gpus_per_worker)
+            # One reading per MACHINE_READING_SECONDS (nodes may join or leave meanwhile).
+            if self._reading is None or time.monotonic() - self._reading[0] > self.MACHINE_READING_SECONDS:
+                self._reading = (time.monotonic(), cluster_machine(self.gpus_per_worker))
+            machine = self._reading[1]
         try:
             return plan_pool(num_clients, machine=machine, **self._plan_args)
         except ValueError as e:

@@ -85,8 +85,7 @@ class RayWorkerSlot:
     """One slot served by one Ray actor; offers what `WorkerPool` needs of a slot."""
 
     crash_errors: tuple[type[BaseException], ...] = (
-        ray.exceptions.RayActorError,  # ActorDiedError: killed, OOM, constructor failed
-        ray.exceptions.ActorUnavailableError,
+        ray.exceptions.RayActorError,  # ActorDiedError (killed, OOM, constructor failed), ActorUnavailableError
         ray.exceptions.WorkerCrashedError,
     )
     segments = None  # no shared memory with the actor's node: columns travel inline
@@ -103,9 +102,11 @@ class RayWorkerSlot:
         self.broken = False
         self.last_rss: int | None = None
         self.pending: set[concurrent.futures.Future] = set()
+        self.last_used = time.monotonic()  # the pool's idle-shrink clock (it updates it)
         self.pid: int | None = None
         self.host: str | None = None
         self.death: BaseException | None = None  # the Ray error that reported the actor dead
+        self._killed = False  # by us (kill/shutdown): its death is no news
 
     def submit(self, fn, *args) -> concurrent.futures.Future:
         result: concurrent.futures.Future = concurrent.futures.Future()
@@ -134,7 +135,7 @@ class RayWorkerSlot:
         return result
 
     def _note_death(self, error: BaseException) -> None:
-        if isinstance(error, self.crash_errors) and self.death is None:
+        if isinstance(error, self.crash_errors) and self.death is None and not self._killed:
             self.death = error
             lines = str(error).strip().splitlines()
             logger.warning("mp_executors: the Ray actor of worker slot %d is gone: %s",
@@ -152,7 +153,7 @@ class RayWorkerSlot:
 
     def kill(self) -> None:
         """Ends the actor now (its running request is abandoned)."""
-        self.broken = True
+        self.broken = self._killed = True
         try:
             ray.kill(self.actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already dead, or Ray already shut down
