@@ -336,3 +336,18 @@ def test_datasets_as_clients_values_travel_to_workers(pool2):
     assert [float(v) for v in per_client] == [n * (n - 1) / 2 for n in sizes]
     assert np.asarray(total).dtype == np.float32
     assert float(total) == sum(n * (n - 1) / 2 for n in sizes)
+
+
+# ---------------------------------------------------------------- handles are released
+
+
+def test_values_of_finished_calls_are_released_in_the_workers(pool2):
+    factory = pool2.executor_factory
+    xs = _floats(20)
+    counts = []
+    for _ in range(6):
+        assert _call(pool2, sum_plus_one, xs) == _call(pool2, sum_plus_one, xs)
+        counts.append(sum(r["values_held"] for r in factory.pool.reports()))
+    # A call's values are freed with the next call's first request: what the
+    # workers hold stays flat instead of growing with every call.
+    assert counts[-1] <= counts[1], counts

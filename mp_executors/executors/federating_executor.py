@@ -86,7 +86,7 @@ class FederatedValue(ExecutorValue):
         self.kind = kind
         self.payload = payload
         if kind == "clients" and executor is not None:
-            weakref.finalize(self, executor._pending_release.append, payload)
+            weakref.finalize(self, executor._release_later, payload)
         self._executor = executor
 
     @property
@@ -157,7 +157,8 @@ class FederatingExecutor(Executor):
             for s in self._shards:
                 s.discard_prepared()
             raise
-        releases, self._pending_release = self._pending_release, []
+        # A tuple: handles freed from now on go to the next request, never into this one.
+        releases, self._pending_release = tuple(self._pending_release), []
         calls = [s.call(releases, m, *a) for s, (m, a) in zip(self._shards, requests)]
         gathered = asyncio.gather(*calls, return_exceptions=True)
         if not wait:
@@ -172,6 +173,10 @@ class FederatingExecutor(Executor):
             outcomes = [await f for f in inflight]
             for results in outcomes:
                 _first_error_or(results)
+
+    def _release_later(self, handle: int) -> None:
+        """A CLIENTS value was dropped: its handle is freed with the next request."""
+        self._pending_release.append(handle)
 
     def _new_clients(self, member: t.Type, all_equal: bool, handle: int) -> FederatedValue:
         return FederatedValue(t.FederatedType(member, t.CLIENTS, all_equal), "clients", handle, self)

@@ -177,6 +177,7 @@ def report() -> dict[str, Any]:
         "rss": proc.memory_info().rss,
         "tensorflow_imported": tf is not None,
         "shards": sorted(_shards),
+        "values_held": sum(len(shard.values) for shard in _shards.values()),
         "modules": len(sys.modules),
         "functions": sorted(_functions),
     }
