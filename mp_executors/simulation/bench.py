@@ -362,6 +362,19 @@ def markdown(doc: dict) -> str:
             if any(r["workload"] == "fedavg" and r["runtime"] == rt for r in rows):
                 lines.append(f"| {labels[rt]} | " + " | ".join(_fmt_s(_median(rows, "fedavg", rt, n)) for n in fed_n) + " |")
         lines.append("")
+    mem = [r for r in rows if r["workload"] == "fedavg" and r["runtime"] in ("mp", "mp-resident", "tff")
+           and (r.get("memory") or {}).get("workers_rss")]
+    if mem:
+        lines += ["**Peak worker memory during FedAvg** (RSS summed over the worker processes; the "
+                  "peer's is its C++ worker):", "",
+                  "| runtime | " + " | ".join(f"{n:,} clients" for n in fed_n) + " |",
+                  "|---|" + "---|" * len(fed_n)]
+        for rt in ("mp", "mp-resident", "tff"):
+            cells = {r["clients"]: r["memory"]["workers_rss"] for r in mem if r["runtime"] == rt}
+            if cells:
+                lines.append(f"| {rt} | " + " | ".join(
+                    f"{cells[n] / 2**30:.2f} GiB" if n in cells else "–" for n in fed_n) + " |")
+        lines.append("")
     ov_n = sorted({r["clients"] for r in rows if r["workload"] == "overhead"})
     if ov_n:
         lines += ["**Runtime overhead**: `federated_sum` of one float per client, µs per client "
