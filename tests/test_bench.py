@@ -66,7 +66,7 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
     assert doc["machine"]["cpus"] >= 1 and doc["machine"]["tensorflow"]
     md = (out / "bench.md").read_text()
     assert "**FedAvg round**" in md and "| mp_executors mp, data resident (ClientData) |" in md
-    assert "**Worker scaling**" in md and md in stdout
+    assert "**Worker scaling**" in md and "**Peak worker memory during FedAvg**" in md and md in stdout
     try:
         import matplotlib  # noqa: F401
     except ImportError:

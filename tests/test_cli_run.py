@@ -80,8 +80,10 @@ def test_plots_are_drawn_when_matplotlib_is_installed(tmp_path, capsys):
         assert {p.name for p in out.glob("*.png")} == {"accuracy.png", "loss.png", "round_time.png"}
 
 
-@pytest.mark.skipif(hasattr(mpx, "ray_executor_factory"), reason="the ray executor exists")
-def test_ray_executor_is_not_available_yet(tmp_path, capsys):
+def test_ray_executor_is_not_available_yet(tmp_path, capsys, monkeypatch):
+    from mp_executors.simulation import job
+
+    monkeypatch.setattr(job, "_ray_executor_factory", lambda: None)
     assert cli.main(["run", *SMALL, "--executor", "ray", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.strip().endswith("the ray executor is not available yet")
@@ -109,3 +111,21 @@ def test_sampling_fewer_clients_than_workers_keeps_the_pool(tmp_path, capsys):
                      "--workers", "2", "--no-plots", "--out", str(tmp_path / "k1")]) == 0
     err = capsys.readouterr().err
     assert "started 2 worker(s)" in err and "resizing" not in err
+
+
+def test_ray_executor_is_used_when_it_exists(tmp_path, capsys, monkeypatch):
+    # The real one starts a Ray cluster (~20 s): a stand-in checks the wiring and the results.
+    from mp_executors.simulation import job
+
+    calls = []
+
+    def fake_ray_executor_factory(**kwargs):
+        calls.append(kwargs)
+        return mpx.local_executor_factory()
+
+    monkeypatch.setattr(job, "_ray_executor_factory", lambda: fake_ray_executor_factory)
+    ray_doc, _ = run_job(tmp_path, "ray", "--executor", "ray", "--workers", "2")
+    local_doc, _ = run_job(tmp_path, "local", "--executor", "local")
+    assert calls == [{"num_workers": 2}]
+    assert ray_doc["runtime"]["executor"] == "ray"
+    assert deterministic_part(ray_doc) == deterministic_part(local_doc)

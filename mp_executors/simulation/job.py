@@ -105,11 +105,12 @@ def make_factory(args: argparse.Namespace) -> Any:
     if args.executor == "local":
         return mpx.local_executor_factory()
     if args.executor == "ray":
-        if not hasattr(mpx, "ray_executor_factory"):
+        ray_executor_factory = _ray_executor_factory()
+        if ray_executor_factory is None:
             raise JobError("the ray executor is not available yet")
         kwargs = {} if args.workers is None else {"num_workers": args.workers}
         try:
-            return mpx.ray_executor_factory(**kwargs)
+            return ray_executor_factory(**kwargs)
         except ValueError as e:
             raise JobError(str(e).replace("num_workers", "--workers")) from None
     try:
@@ -118,6 +119,13 @@ def make_factory(args: argparse.Namespace) -> Any:
     except ValueError as e:
         raise JobError(str(e).replace("num_workers", "--workers").replace("threads_per_worker", "--threads-per-worker")
                        .replace("devices", "--devices")) from None
+
+
+def _ray_executor_factory() -> Any:
+    """`mpx.ray_executor_factory` if this install has it, else None."""
+    import mp_executors as mpx  # noqa: PLC0415
+
+    return getattr(mpx, "ray_executor_factory", None)
 
 
 def _no_shrink_mp_factory(**kwargs: Any) -> Any:
