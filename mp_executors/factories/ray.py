@@ -136,13 +136,15 @@ class RayExecutorFactory(MpExecutorFactory):
         with _connect_lock:
             if ray.is_initialized():
                 return
-            if self.address is None:
+            # Like ray.init(): with no address given, $RAY_ADDRESS names the cluster.
+            address = self.address if self.address is not None else os.environ.get("RAY_ADDRESS") or None
+            if address is None:
                 init_local_ray(**self.init_kwargs)
                 self._owns_ray = True
                 logger.info("mp_executors: started a local Ray instance (loopback): %s", ray.cluster_resources())
             else:
-                ray.init(address=self.address, **{"logging_level": logging.WARNING, **self.init_kwargs})
-                logger.info("mp_executors: joined the Ray cluster at %s: %s", self.address, ray.cluster_resources())
+                ray.init(address=address, **{"logging_level": logging.WARNING, **self.init_kwargs})
+                logger.info("mp_executors: joined the Ray cluster at %s: %s", address, ray.cluster_resources())
 
     def plan(self, num_clients: int) -> PoolPlan:
         """The pool plan for `num_clients` clients on the Ray cluster (connects to it)."""
@@ -182,10 +184,11 @@ def ray_executor_factory(address: str | None = None, default_num_clients: int = 
     actors; a dead actor is replaced and the call retried).
 
       address: None starts a Ray instance on this machine, bound to loopback,
-        on the first call (and stops it on `close()`); if this process is
-        already connected to Ray, that connection is used. 'auto' joins the
-        cluster this machine is part of (`ray start ...`); 'ray://host:10001'
-        joins a remote cluster through Ray Client.
+        on the first call (and stops it on `close()`), unless $RAY_ADDRESS
+        names a cluster; if this process is already connected to Ray, that
+        connection is used. 'auto' joins the cluster this machine is part of
+        (`ray start ...`); 'ray://host:10001' joins a remote cluster through
+        Ray Client.
       num_workers: actors (default: min(clients, cluster CPUs / cpus_per_worker,
         cluster memory / memory_per_worker, GPUs / gpus_per_worker)).
       cpus_per_worker: CPUs Ray reserves for each actor and its TensorFlow
