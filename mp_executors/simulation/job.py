@@ -176,15 +176,17 @@ def run(args: argparse.Namespace) -> int:
     model, data, cfg = specs_from_args(args)
     if args.dataset == "digits":
         datasets._load_digits()  # fail now, with the install hint, not inside a worker
+    out_dir = Path(args.out) if args.out else outputs.default_out_dir(args.dataset)
+    factory = make_factory(args)
+    # The pool's start and re-plan lines, for the duration of the job only (added after
+    # every usage check, so that an error cannot leave the handler behind).
     logger = logging.getLogger("mp_executors")
     handler, old_level = None, logger.level
-    if not args.quiet:  # the pool's start and resize lines, for the duration of the job
+    if not args.quiet:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-    out_dir = Path(args.out) if args.out else outputs.default_out_dir(args.dataset)
-    factory = make_factory(args)
     started = time.time()
     memory = outputs.MemorySampler(factory)
     if not args.quiet:
