@@ -351,3 +351,15 @@ def test_values_of_finished_calls_are_released_in_the_workers(pool2):
     # A call's values are freed with the next call's first request: what the
     # workers hold stays flat instead of growing with every call.
     assert counts[-1] <= counts[1], counts
+
+
+def test_fixed_num_workers_never_restarts_the_pool_when_client_counts_alternate(pool2):
+    factory = pool2.executor_factory
+    _call(pool2, sum_plus_one, _floats(16))
+    before = _worker_identities(factory)
+    for n in (1, 16, 3, 16):
+        xs = _floats(n)
+        np.testing.assert_allclose(
+            _call(pool2, sum_plus_one, xs), np.sum(np.array(xs, np.float64) + 1.0), rtol=1e-6
+        )
+        assert _worker_identities(factory) == before

@@ -67,7 +67,11 @@ class MpExecutorFactory(CachingExecutorFactory):
             if self._reading is None or time.monotonic() - self._reading[0] > self.MACHINE_READING_SECONDS:
                 self._reading = (time.monotonic(), detect_machine())
             machine = self._reading[1]
-        return plan_pool(num_clients, machine=machine, **self._plan_args)
+        # An explicit num_workers fixes the slots (CPUs and threads per worker)
+        # whatever the client count: a call with fewer clients than workers uses
+        # the first slots only, instead of re-planning (and restarting) the pool.
+        fixed = self._plan_args["num_workers"]
+        return plan_pool(max(num_clients, fixed or 0), machine=machine, **self._plan_args)
 
     def _build(self, num_clients: int) -> ReferenceResolvingExecutor:
         shards = []
