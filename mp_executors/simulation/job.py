@@ -114,8 +114,8 @@ def make_factory(args: argparse.Namespace) -> Any:
         except ValueError as e:
             raise JobError(str(e).replace("num_workers", "--workers")) from None
     try:
-        return _no_shrink_mp_factory(num_workers=args.workers, threads_per_worker=args.threads_per_worker,
-                                     devices=args.devices)
+        return mpx.mp_executor_factory(num_workers=args.workers, threads_per_worker=args.threads_per_worker,
+                                       devices=args.devices)
     except ValueError as e:
         raise JobError(str(e).replace("num_workers", "--workers").replace("threads_per_worker", "--threads-per-worker")
                        .replace("devices", "--devices")) from None
@@ -126,29 +126,6 @@ def _ray_executor_factory() -> Any:
     import mp_executors as mpx  # noqa: PLC0415
 
     return getattr(mpx, "ray_executor_factory", None)
-
-
-def _no_shrink_mp_factory(**kwargs: Any) -> Any:
-    """An mp factory whose pool never shrinks below the most clients it has served.
-
-    Works around the pool re-planning per call: with client sampling, training calls have
-    K clients and evaluation calls N. When K is below the worker count (e.g. `--workers 2`
-    and 1 client per round), the plan for K has different slots (one worker over both CPUs)
-    and the pool is stopped and restarted on every alternation (~5-10 s each, and the
-    workers' resident ClientData is lost). Planning for the high-water mark keeps the pool
-    as it is; a call with fewer clients simply uses fewer of its workers. (Reported; remove
-    once the pool keeps its slots when a call needs fewer workers.)
-    """
-    from mp_executors.factories.mp import MpExecutorFactory  # noqa: PLC0415
-
-    class NoShrinkMpExecutorFactory(MpExecutorFactory):
-        _most_clients = 0
-
-        def plan(self, num_clients: int):
-            self._most_clients = max(self._most_clients, num_clients)
-            return super().plan(self._most_clients)
-
-    return NoShrinkMpExecutorFactory(**kwargs)
 
 
 def runtime_info(args: argparse.Namespace, factory: Any) -> dict:
