@@ -8,13 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pytest
-
-import mp_executors as mpx
 from mp_executors import cli
 from mp_executors.simulation import bench
-from mp_executors.simulation import workloads as packaged
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,20 +24,6 @@ def _load(path: Path, name: str):
 def _code(path: Path) -> str:
     text = path.read_text()
     return text[text.index("from __future__"):]
-
-
-def test_packaged_workloads_are_the_benchmarks_workloads():
-    scripts = REPO / "benchmarks" / "workloads.py"
-    if not scripts.exists():
-        pytest.skip("not a source checkout")
-    # Same code after the docstring, and the same numbers.
-    assert _code(scripts) == _code(Path(packaged.__file__))
-    theirs = _load(scripts, "_bench_workloads")
-    clients = packaged.make_clients(9)
-    with mpx.local_executor_factory() as f, mpx.execution_context(f):
-        a = packaged.fedavg_round(packaged.initial_model(), clients)
-        b = theirs.fedavg_round(theirs.initial_model(), theirs.make_clients(9))
-    assert np.array_equal(a["w"], b["w"]) and np.array_equal(a["b"], b["b"])
 
 
 def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
