@@ -236,6 +236,19 @@ def test_planned_for_the_cluster_not_this_machine(cluster):
     assert cluster.is_initialized()  # a factory that joined Ray leaves it running
 
 
+def test_set_ray_execution_context_sets_the_default():
+    from mp_executors.factories.ray import RayExecutorFactory
+
+    previous = mpx.get_execution_context()
+    ctx = mpx.set_ray_execution_context(num_workers=1, max_retries=2)
+    try:
+        assert mpx.get_execution_context() is ctx
+        assert isinstance(ctx.executor_factory, RayExecutorFactory) and ctx.executor_factory.max_retries == 2
+    finally:
+        mpx.set_execution_context(previous)
+        ctx.close()
+
+
 # ---------------------------------------------------------------- the main job
 
 
