@@ -80,13 +80,16 @@ def test_plots_are_drawn_when_matplotlib_is_installed(tmp_path, capsys):
         assert {p.name for p in out.glob("*.png")} == {"accuracy.png", "loss.png", "round_time.png"}
 
 
-def test_ray_executor_is_not_available_yet(tmp_path, capsys, monkeypatch):
+def test_ray_executor_without_ray_installed_is_a_one_line_error(tmp_path, capsys, monkeypatch):
     from mp_executors.simulation import job
 
-    monkeypatch.setattr(job, "_ray_executor_factory", lambda: None)
+    def without_ray(**kwargs):
+        raise ImportError("ray_executor_factory needs Ray: pip install 'mp_executors[ray]'")
+
+    monkeypatch.setattr(job, "_ray_executor_factory", lambda: without_ray)
     assert cli.main(["run", *SMALL, "--executor", "ray", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert err.strip().endswith("the ray executor is not available yet")
+    assert "--executor ray" in err and "pip install 'mp_executors[ray]'" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists()
 

@@ -105,12 +105,11 @@ def make_factory(args: argparse.Namespace) -> Any:
     if args.executor == "local":
         return mpx.local_executor_factory()
     if args.executor == "ray":
-        ray_executor_factory = _ray_executor_factory()
-        if ray_executor_factory is None:
-            raise JobError("the ray executor is not available yet")
         kwargs = {} if args.workers is None else {"num_workers": args.workers}
         try:
-            return ray_executor_factory(**kwargs)
+            return _ray_executor_factory()(**kwargs)
+        except ImportError as e:  # Ray is an optional extra
+            raise JobError(f"--executor ray: {e}") from None
         except ValueError as e:
             raise JobError(str(e).replace("num_workers", "--workers")) from None
     try:
@@ -122,10 +121,10 @@ def make_factory(args: argparse.Namespace) -> Any:
 
 
 def _ray_executor_factory() -> Any:
-    """`mpx.ray_executor_factory` if this install has it, else None."""
+    """`mpx.ray_executor_factory` (it raises ImportError, saying how to install Ray, without it)."""
     import mp_executors as mpx  # noqa: PLC0415
 
-    return getattr(mpx, "ray_executor_factory", None)
+    return mpx.ray_executor_factory
 
 
 def runtime_info(args: argparse.Namespace, factory: Any) -> dict:

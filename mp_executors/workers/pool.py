@@ -306,7 +306,8 @@ class WorkerPool:
         warned: set[int] = set()
         while not self._monitor_stop.wait(self.MONITOR_SECONDS):
             for slot in list(self._slots):
-                if slot.process is None or not slot.process.is_alive():
+                # A slot being (re)started is a None placeholder until its worker is up.
+                if slot is None or slot.process is None or not slot.process.is_alive():
                     continue
                 try:
                     slot.last_rss = psutil.Process(slot.process.pid).memory_info().rss
