@@ -41,7 +41,7 @@ def test_run_writes_its_outputs_and_a_summary(tmp_path, capsys):
     assert 0.0 <= doc["metrics"]["final"]["test_accuracy"] <= 1.0
     assert doc["timing"]["median_round_s"] > 0 and len(doc["timing"]["rounds"]) == 2
     assert doc["runtime"]["memory"]["peak_total_rss"] > 0
-    with open(out / "rounds.csv") as f:
+    with open(out / "metrics.csv") as f:
         assert len(list(csv.reader(f))) == 1 + 1 + 2  # header, round 0, two rounds
     model = np.load(out / "model.npz")
     assert model["w"].shape == (60, 10)
@@ -97,10 +97,15 @@ def test_ray_executor_without_ray_installed_is_a_one_line_error(tmp_path, capsys
 @pytest.mark.parametrize("args, message", [
     (["--clients", "10", "--clients-per-round", "20"], "--clients-per-round 20 is more than --clients 10"),
     (["--rounds", "0"], "--rounds must be at least 1"),
-    (["--dataset", "digits", "--clients", "5000"], "at most 299 clients"),
-    (["--workers", "0"], "--workers must be at least 1"),
+    (["--dataset", "digits", "--clients", "5000"], "at most 359 clients with the 'dirichlet' partition"),
+    (["--workers", "0"], "argument --workers: must be 'auto' or at least 1, got 0"),
     (["--lr", "-1"], "--lr must be > 0"),
-    (["--dataset", "cifar"], "invalid choice"),
+    (["--dataset", "cifar"], "unknown dataset 'cifar'; choose synthetic, digits or a PATH.npz"),
+    (["--clients", "0"], "--clients must be at least 1"),
+    (["--workers", "many"], "expected 'auto' or a number of workers"),
+    (["--local-steps", "5", "--local-epochs", "1"], "not allowed with argument"),
+    (["--local-steps", "0"], "--local-steps must be at least 1"),
+    (["--dataset", "/nonexistent/data.npz"], "/nonexistent/data.npz: no such file"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert cli.main(["run", *args, "--out", str(tmp_path / "x")]) == 2
@@ -133,3 +138,58 @@ def test_ray_executor_is_used_when_it_exists(tmp_path, capsys, monkeypatch):
     assert calls == [{"num_workers": 2}]
     assert ray_doc["runtime"]["executor"] == "ray"
     assert deterministic_part(ray_doc) == deterministic_part(local_doc)
+
+
+def test_workers_auto_is_accepted():
+    parser = cli.build_parser()
+    assert parser.parse_args(["run", "--workers", "auto"]).workers is None
+    assert parser.parse_args(["run", "--workers", "3"]).workers == 3
+    args = parser.parse_args(["run"])
+    assert (args.clients, args.rounds, args.workers, args.local_steps, args.local_epochs) == (None, 10, None, None, None)
+
+
+def _write_npz(path, clients=6, per_client=(8, 12), features=5, classes=3, seed=0, **override):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(per_client[0], per_client[1] + 1, clients)
+    ids = np.repeat(np.arange(100, 100 + clients), sizes)
+    rng.shuffle(ids)  # rows of one client need not be together
+    x = rng.normal(size=(len(ids), features)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1)  # learnable, `classes` = 3
+    arrays = {"x": x, "y": y, "client_ids": ids, **override}
+    np.savez(path, **{k: v for k, v in arrays.items() if v is not None})
+    return arrays
+
+
+def test_run_on_a_users_npz(tmp_path, capsys):
+    path = tmp_path / "mine.npz"
+    _write_npz(path)
+    out = tmp_path / "out"
+    assert cli.main(["run", "--dataset", str(path), "--rounds", "2", "--clients", "4", "--executor", "local",
+                     "--no-plots", "--out", str(out)]) == 0
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["config"]["dataset"]["num_clients"] == 4 and doc["config"]["dataset"]["npz_features"] == 5
+    assert doc["config"]["dataset"]["npz_classes"] == 3 and "mine.npz" in doc["dataset"]
+    assert np.load(out / "model.npz")["w"].shape == (5, 3)
+    assert [r["clients"] for r in doc["metrics"]["rounds"]] == [4, 4]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("write, args, message", [
+    (lambda p: p.write_text("not a zip"), [], "is not an npz file"),
+    (lambda p: _write_npz(p, y=None), [], "has no array 'y'"),
+    (lambda p: _write_npz(p, client_ids=np.zeros(3, np.int64)), [], "must have the same length"),
+    (lambda p: np.savez(p, x=np.zeros((4, 2)), y=np.array([0, 1, 0.5, 1]), client_ids=np.array([1, 1, 2, 2])), [],
+     "labels y must be integers"),
+    (lambda p: np.savez(p, x=np.zeros((3, 2)), y=np.array([0, 1, 0]), client_ids=np.array([1, 1, 2])), [],
+     "client 2 has 1 example(s)"),
+    (lambda p: _write_npz(p, clients=3), ["--clients", "5"], "--clients 5 is more than the 3 distinct client ids"),
+    (lambda p: _write_npz(p, clients=3), ["--clients-per-round", "4"], "--clients-per-round 4 is more than the 3"),
+])
+def test_bad_npz_is_one_line_and_exit_2(write, args, message, tmp_path, capsys):
+    path = tmp_path / "data.npz"
+    write(path)
+    out = tmp_path / "x"
+    assert cli.main(["run", "--dataset", str(path), *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not out.exists()

@@ -1,8 +1,9 @@
 """`mp-executors run`: the main job, FedAvg on a federated dataset over a chosen runtime.
 
-    mp-executors run [--dataset synthetic|digits] [--clients N] [--clients-per-round K]
-                     [--rounds R] [--model logreg|mlp] [--executor mp|local|ray] [--workers N]
-                     [--out DIR] ...
+    mp-executors run [--dataset synthetic|digits|PATH.npz] [--clients N] [--clients-per-round K]
+                     [--rounds R] [--model logreg|mlp] [--local-steps S | --local-epochs E]
+                     [--batch-size B] [--lr LR] [--seed S] [--executor mp|local|ray]
+                     [--workers auto|N] [--out DIR] ...
 
 It builds the factory the flags ask for, runs `program.run_fedavg` with a progress display,
 writes the outputs (`outputs.write_outputs`) and prints the summary table. The argument
@@ -19,36 +20,60 @@ from pathlib import Path
 from typing import Any
 
 from mp_executors.simulation import datasets, models
+from mp_executors.simulation.program import DEFAULT_LOCAL_STEPS, DEFAULT_LR
 
 EXECUTORS = ("mp", "local", "ray")
+DEFAULT_CLIENTS = 100
 
 
 class JobError(Exception):
     """A bad combination of flags: one line on stderr, exit code 2."""
 
 
+def _workers(value: str) -> int | None:
+    """--workers: 'auto' (None: sized from the clients and the machine) or a positive integer."""
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of workers, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or at least 1, got {n}")
+    return n
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data")
-    d.add_argument("--dataset", choices=datasets.DATASETS, default="synthetic",
+    d.add_argument("--dataset", default="synthetic", metavar="synthetic|digits|PATH.npz",
                    help="synthetic: FedProx's synthetic(alpha,beta); digits: scikit-learn's 8x8 digits "
-                   "(needs the 'digits' extra) (default: synthetic)")
-    d.add_argument("--clients", type=int, default=1000, metavar="N", help="number of clients (default: 1000)")
+                   "(needs the 'digits' extra); PATH.npz: your arrays x, y and client_ids (default: synthetic)")
+    d.add_argument("--clients", type=int, default=None, metavar="N",
+                   help=f"number of clients (default: {DEFAULT_CLIENTS}; with PATH.npz, every client id in the "
+                   "file, and N takes the first N ids in sorted order)")
     d.add_argument("--clients-per-round", type=int, default=None, metavar="K",
                    help="clients sampled each round, without replacement (default: all)")
     d.add_argument("--alpha", type=float, default=1.0, help="synthetic: model heterogeneity (default: 1)")
     d.add_argument("--beta", type=float, default=1.0, help="synthetic: data heterogeneity (default: 1)")
-    d.add_argument("--max-examples", type=int, default=250, metavar="M",
-                   help="synthetic: cap on a client's examples, train+test; every client is padded to it "
-                   "(default: 250)")
-    d.add_argument("--partition", choices=datasets.DIGITS_PARTITIONS, default="shards",
-                   help="digits: shards (non-IID, 2 label shards per client) or iid (default: shards)")
+    d.add_argument("--max-examples", type=int, default=None, metavar="M",
+                   help="cap on a client's examples, train+test (the surplus is left out); every client is "
+                   "padded to the largest capped client (default: 250 for synthetic, no cap otherwise)")
+    d.add_argument("--partition", choices=datasets.DIGITS_PARTITIONS, default="dirichlet",
+                   help="digits: dirichlet (non-IID, label proportions per client ~ Dirichlet(--dirichlet-alpha)), "
+                   "shards (2 label shards per client) or iid (default: dirichlet)")
+    d.add_argument("--dirichlet-alpha", type=float, default=0.5, metavar="A",
+                   help="digits: the Dirichlet concentration; smaller is more skewed (default: 0.5)")
     t = p.add_argument_group("training")
-    t.add_argument("--rounds", type=int, default=20, metavar="R", help="federated rounds (default: 20)")
+    t.add_argument("--rounds", type=int, default=10, metavar="R", help="federated rounds (default: 10)")
     t.add_argument("--model", choices=models.MODELS, default="logreg", help="(default: logreg)")
     t.add_argument("--hidden", type=int, default=64, help="mlp: hidden units (default: 64)")
-    t.add_argument("--local-epochs", type=int, default=1, metavar="E", help="local epochs per round (default: 1)")
+    local = t.add_mutually_exclusive_group()
+    local.add_argument("--local-steps", type=int, default=None, metavar="S",
+                       help=f"local SGD steps per client per round (default: {DEFAULT_LOCAL_STEPS})")
+    local.add_argument("--local-epochs", type=int, default=None, metavar="E",
+                       help="instead of --local-steps: passes over each client's examples per round")
     t.add_argument("--batch-size", type=int, default=10, metavar="B", help="local minibatch size (default: 10)")
-    t.add_argument("--lr", type=float, default=0.05, help="client learning rate (default: 0.05)")
+    t.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"client learning rate (default: {DEFAULT_LR:g})")
     t.add_argument("--mu", type=float, default=0.0, help="FedProx proximal term; 0 = FedAvg (default: 0)")
     t.add_argument("--seed", type=int, default=0, help="seeds the data, the initial model and sampling")
     t.add_argument("--eval-every", type=int, default=1, metavar="N",
@@ -56,8 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("runtime")
     r.add_argument("--executor", choices=EXECUTORS, default="mp",
                    help="mp: the worker pool; local: in this process; ray: a Ray cluster (default: mp)")
-    r.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="worker processes (mp/ray; default: sized from clients and the machine)")
+    r.add_argument("--workers", type=_workers, default=None, metavar="auto|N",
+                   help="worker processes (mp/ray; default: auto, sized from the clients and the machine)")
     r.add_argument("--threads-per-worker", type=int, default=None, metavar="N",
                    help="TensorFlow threads (and CPUs) per worker (mp)")
     r.add_argument("--devices", default="auto", metavar="auto|cpu|gpu|0,1",
@@ -73,35 +98,49 @@ def specs_from_args(args: argparse.Namespace):
     """(ModelSpec, DatasetSpec, FedAvgConfig) from the flags; JobError on bad values."""
     from mp_executors.simulation.program import FedAvgConfig  # noqa: PLC0415 - imports TF
 
-    if args.clients_per_round is not None and args.clients_per_round > args.clients:
+    if args.clients is not None and args.clients < 1:
+        raise JobError(f"--clients must be at least 1, got {args.clients}")
+    if args.clients_per_round is not None and args.clients is not None and args.clients_per_round > args.clients:
         raise JobError(f"--clients-per-round {args.clients_per_round} is more than --clients {args.clients}")
     try:
-        data = datasets.DatasetSpec(
-            args.dataset, args.clients, args.seed, alpha=args.alpha, beta=args.beta,
-            max_examples=args.max_examples, partition=args.partition,
-        )
+        if args.dataset in datasets.DATASETS:
+            data = datasets.DatasetSpec(
+                args.dataset, DEFAULT_CLIENTS if args.clients is None else args.clients, args.seed,
+                alpha=args.alpha, beta=args.beta, max_examples=args.max_examples, partition=args.partition,
+                dirichlet_alpha=args.dirichlet_alpha,
+            )
+        elif args.dataset.endswith(".npz") or Path(args.dataset).is_file():
+            data = datasets.open_npz(args.dataset, args.clients, args.seed, args.max_examples)
+        else:
+            raise JobError(f"unknown dataset {args.dataset!r}; choose synthetic, digits or a PATH.npz")
+        if args.clients_per_round is not None and args.clients_per_round > data.num_clients:
+            raise JobError(f"--clients-per-round {args.clients_per_round} is more than the "
+                           f"{data.num_clients} clients of {args.dataset}")
         model = models.ModelSpec(args.model, data.num_features, data.num_classes, hidden=args.hidden)
         cfg = FedAvgConfig(
-            rounds=args.rounds, clients_per_round=args.clients_per_round, local_epochs=args.local_epochs,
+            rounds=args.rounds, clients_per_round=args.clients_per_round,
+            local_steps=args.local_steps, local_epochs=args.local_epochs,
             batch_size=args.batch_size, learning_rate=args.lr, mu=args.mu, seed=args.seed,
             eval_every=args.eval_every,
         )
+    except datasets.NpzError as e:  # it names the file: no flag renaming in it
+        raise JobError(str(e).replace("max_examples", "--max-examples")) from None
     except ValueError as e:
         raise JobError(_flag_names(str(e))) from None
     return model, data, cfg
 
 
 def _flag_names(message: str) -> str:
-    for name in ("clients_per_round", "local_epochs", "batch_size", "eval_every", "max_examples", "rounds"):
+    for name in ("clients_per_round", "local_epochs", "local_steps", "batch_size", "eval_every", "max_examples",
+                 "rounds"):
         message = message.replace(name, "--" + name.replace("_", "-"))
-    return message.replace("the learning rate", "--lr").replace("the number of clients", "--clients")
+    return (message.replace("the learning rate", "--lr").replace("the number of clients", "--clients")
+            .replace("the Dirichlet concentration", "--dirichlet-alpha"))
 
 
 def make_factory(args: argparse.Namespace) -> Any:
     import mp_executors as mpx  # noqa: PLC0415
 
-    if args.workers is not None and args.workers < 1:
-        raise JobError(f"--workers must be at least 1, got {args.workers}")
     if args.executor == "local":
         return mpx.local_executor_factory()
     if args.executor == "ray":
@@ -150,9 +189,14 @@ def run(args: argparse.Namespace) -> int:
     from mp_executors.simulation import outputs, program  # noqa: PLC0415 - imports TF
 
     model, data, cfg = specs_from_args(args)
-    if args.dataset == "digits":
-        datasets._load_digits()  # fail now, with the install hint, not inside a worker
-    out_dir = Path(args.out) if args.out else outputs.default_out_dir(args.dataset)
+    if data.name == "digits":
+        try:
+            datasets._load_digits()  # fail now, with the install hint, not inside a worker
+        except ImportError as e:
+            raise JobError(str(e)) from None
+        data.split_sizes  # noqa: B018 - draws the partition now: its errors are usage errors
+    label = data.name if data.name != "npz" else Path(data.path).stem
+    out_dir = Path(args.out) if args.out else outputs.default_out_dir(label)
     factory = make_factory(args)
     # The pool's start and re-plan lines, for the duration of the job only (added after
     # every usage check, so that an error cannot leave the handler behind).

@@ -1,4 +1,4 @@
-"""What a run leaves behind and shows: metrics.json, rounds.csv, model.npz, plots, the table.
+"""What a run leaves behind and shows: metrics.csv, metrics.json, model.npz, plots, the table.
 
 metrics.json is laid out so that everything that depends on the runtime sits under two keys,
 ``timing`` and ``runtime``; the rest (``config``, ``dataset``, ``model``, ``metrics``) is a
@@ -202,7 +202,7 @@ def environment() -> dict:
 
 
 def write_outputs(out_dir: Path, doc: dict, result: RunResult, plots: bool = True) -> list[str]:
-    """Writes metrics.json, rounds.csv, model.npz and (matplotlib permitting) the plots.
+    """Writes metrics.csv, metrics.json, model.npz and (matplotlib permitting) the plots.
 
     Returns notes for the user (e.g. that plots were skipped and why).
     """
@@ -210,7 +210,8 @@ def write_outputs(out_dir: Path, doc: dict, result: RunResult, plots: bool = Tru
     with open(out_dir / "metrics.json", "w") as f:
         json.dump(doc, f, indent=2)
         f.write("\n")
-    with open(out_dir / "rounds.csv", "w", newline="") as f:
+    # One row per round (round 0: the initial model), the metrics and the seconds it took.
+    with open(out_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["round", "clients", *METRIC_KEYS, "train_s", "eval_s"])
         writer.writerow([0, "", "", *(result.initial.get(k, "") for k in METRIC_KEYS[1:]), "", ""])

@@ -8,8 +8,9 @@ reduces in a fixed order), and run after run.
 One round (`train_round`):
 
     server params, round seed ──broadcast──► sampled clients (a ClientData over their ids)
-        each client: `local_epochs` passes of minibatch SGD over its own (masked) training
-        examples, reshuffled every epoch by a stateless RNG keyed by (round seed, client id),
+        each client: `local_steps` minibatch SGD steps (or `local_epochs` passes) over its own
+        (masked) training examples, reshuffled every pass by a stateless RNG keyed by
+        (round seed, client id),
         with an optional FedProx proximal term mu/2 |w - w_server|^2
     new params = federated_mean(client params, weight = client's training examples)
     local loss = federated_sum(minibatch loss sums) / federated_sum(examples visited)
@@ -32,23 +33,35 @@ import numpy as np
 import mp_executors as mpx
 from mp_executors.simulation import datasets, models
 
+#: Defaults of `mp-executors run` (see FedAvgConfig and the README's main-job section).
+DEFAULT_LOCAL_STEPS = 10
+DEFAULT_LR = 0.2
+
 
 @dataclass(frozen=True)
 class FedAvgConfig:
     """The training hyper-parameters of a run (no runtime settings: those don't change results)."""
 
-    rounds: int = 20
+    rounds: int = 10
     clients_per_round: int | None = None  # None: every client, every round
-    local_epochs: int = 1
+    # Local work per round: either `local_steps` minibatch SGD steps on every client (the
+    # same number whatever the client's size), or `local_epochs` passes over its examples.
+    # Exactly one is set; local_steps wins the default when neither is given.
+    local_steps: int | None = None
+    local_epochs: int | None = None
     batch_size: int = 10
-    learning_rate: float = 0.05
+    learning_rate: float = DEFAULT_LR
     mu: float = 0.0  # FedProx proximal weight; 0 is plain FedAvg
     seed: int = 0
     eval_every: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "local_epochs", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
+        if self.local_steps is not None and self.local_epochs is not None:
+            raise ValueError("give local_steps or local_epochs, not both.")
+        if self.local_steps is None and self.local_epochs is None:
+            object.__setattr__(self, "local_steps", DEFAULT_LOCAL_STEPS)
+        for name in ("rounds", "local_steps", "local_epochs", "batch_size", "eval_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.clients_per_round is not None and self.clients_per_round < 1:
             raise ValueError(f"clients_per_round must be at least 1, got {self.clients_per_round}.")
@@ -73,16 +86,20 @@ def build_computations(model: models.ModelSpec, data: datasets.DatasetSpec, cfg:
     train_t = datasets.split_type(data.split_sizes[0], data.num_features)
     names = model.names
     size = data.split_sizes[0]
-    batch, epochs, lr, mu = cfg.batch_size, cfg.local_epochs, cfg.learning_rate, cfg.mu
+    batch, epochs, steps, lr, mu = cfg.batch_size, cfg.local_epochs, cfg.local_steps, cfg.learning_rate, cfg.mu
 
     @mpx.tf_computation(params_t, np.int32, np.int32, train_t)
     def client_update(params, round_seed, client_id, train):
         start = [getattr(params, n) for n in names]
         n = tf.reduce_sum(train.mask)
         batches = tf.maximum(tf.cast(tf.math.ceil(n / batch), tf.int32), 1)
-        # One permutation per epoch: real rows in random order first, padding last, so the
-        # loop only visits ceil(n / batch) batches and padded rows are (almost) never touched.
-        keys = tf.random.stateless_uniform([epochs, size], seed=tf.stack([round_seed, client_id]))
+        # SGD steps this round: a fixed number, or `epochs` passes of `batches` steps.
+        num_steps = tf.constant(steps) if steps is not None else epochs * batches
+        # One permutation per pass over the data: real rows in random order first, padding
+        # last, so a pass visits ceil(n / batch) batches and padded rows are (almost) never
+        # touched. With local_steps, ceil(steps / batches) passes (the last may be partial).
+        passes = epochs if steps is None else (num_steps + batches - 1) // batches
+        keys = tf.random.stateless_uniform(tf.stack([passes, size]), seed=tf.stack([round_seed, client_id]))
         perms = tf.argsort(keys + 2.0 * (1.0 - train.mask), axis=1, stable=True)
 
         def step(i, weights, loss_sum, seen):
@@ -99,7 +116,7 @@ def build_computations(model: models.ModelSpec, data: datasets.DatasetSpec, cfg:
             return i + 1, weights, loss_sum + total, seen + count
 
         _, weights, loss_sum, seen = tf.while_loop(
-            lambda i, *_: i < epochs * batches, step,
+            lambda i, *_: i < num_steps, step,
             (tf.constant(0), start, tf.constant(0.0), tf.constant(0.0)),
         )
         return {"params": dict(zip(names, weights)), "weight": n, "loss_sum": loss_sum, "seen": seen}
@@ -239,4 +256,6 @@ def config_dict(model: models.ModelSpec, data: datasets.DatasetSpec, cfg: FedAvg
 
 def steps_per_round(data: datasets.DatasetSpec, cfg: FedAvgConfig) -> int:
     """An upper bound on the SGD steps of one client in one round."""
+    if cfg.local_steps is not None:
+        return cfg.local_steps
     return cfg.local_epochs * math.ceil(data.split_sizes[0] / cfg.batch_size)
