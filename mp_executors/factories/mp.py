@@ -71,7 +71,9 @@ class MpExecutorFactory(CachingExecutorFactory):
         # whatever the client count: a call with fewer clients than workers uses
         # the first slots only, instead of re-planning (and restarting) the pool.
         fixed = self._plan_args["num_workers"]
-        return plan_pool(max(num_clients, fixed or 0), machine=machine, **self._plan_args)
+        if not (isinstance(fixed, int) and not isinstance(fixed, bool) and fixed > 0):
+            fixed = 0  # invalid or absent: plan_pool reports a bad value by its name
+        return plan_pool(max(num_clients, fixed), machine=machine, **self._plan_args)
 
     def _build(self, num_clients: int) -> ReferenceResolvingExecutor:
         shards = []
