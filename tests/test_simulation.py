@@ -67,7 +67,11 @@ def test_digits_partitions():
 
 def test_dataset_spec_errors_say_what_to_do():
     with pytest.raises(ValueError, match="at most 299 clients.*synthetic"):
+        datasets.DatasetSpec("digits", 1000, partition="shards")
+    with pytest.raises(ValueError, match="at most 359 clients"):
         datasets.DatasetSpec("digits", 1000)
+    with pytest.raises(ValueError, match="local_steps or local_epochs"):
+        program.FedAvgConfig(local_steps=3, local_epochs=1)
     with pytest.raises(ValueError, match="unknown dataset"):
         datasets.DatasetSpec("mnist", 10)
     with pytest.raises(ValueError, match="max_examples"):
@@ -126,3 +130,65 @@ def test_fedprox_term_pulls_clients_towards_the_server_model():
             res = program.run_fedavg(model, data, cfg, factory)
             dist[mu] = float(np.linalg.norm(res.params["w"]))  # the start is all zeros
     assert dist[10.0] < dist[0.0]
+
+
+def test_dirichlet_partition_is_skewed_seeded_and_uses_every_example_once():
+    labels = np.repeat(np.arange(10), 180)
+    parts = datasets.dirichlet_partition(labels, 50, 0.5, np.random.default_rng(0))
+    again = datasets.dirichlet_partition(labels, 50, 0.5, np.random.default_rng(0))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    other = datasets.dirichlet_partition(labels, 50, 0.5, np.random.default_rng(1))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other))
+    everything = np.concatenate(parts)
+    assert len(everything) == len(labels) and len(np.unique(everything)) == len(labels)
+    assert min(len(p) for p in parts) >= datasets.DIGITS_MIN_EXAMPLES
+    # Skewed: a client's most common label is far above the 10% of a uniform mix.
+    top = [np.bincount(labels[p], minlength=10).max() / len(p) for p in parts]
+    assert np.median(top) > 0.25
+    iid = datasets.dirichlet_partition(labels, 50, 1000.0, np.random.default_rng(0))
+    assert np.median([np.bincount(labels[p], minlength=10).max() / len(p) for p in iid]) < 0.2
+
+
+def test_digits_dirichlet_clients_are_padded_to_the_largest():
+    pytest.importorskip("sklearn")
+    spec = datasets.DatasetSpec("digits", 40, seed=3)
+    assert spec.partition == "dirichlet"
+    clients = [datasets.make_client(spec, i) for i in range(40)]
+    counts = datasets.example_counts(spec)
+    assert counts.sum() == 1797 and counts.max() == sum(spec.split_sizes)  # all used; padded to the largest
+    assert len({c["train"]["x"].shape for c in clients}) == 1
+    capped = datasets.DatasetSpec("digits", 40, seed=3, max_examples=30)
+    assert sum(capped.split_sizes) == 30 and datasets.example_counts(capped).max() == 30
+
+
+def test_npz_clients_are_built_from_the_file(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = np.array(["b"] * 7 + ["a"] * 3 + ["c"] * 20)
+    x = rng.normal(size=(30, 2, 2))  # flattened to 4 features
+    y = np.arange(30) % 4
+    np.savez(tmp_path / "d.npz", x=x, y=y.astype(float), client_ids=ids)
+    spec = datasets.open_npz(tmp_path / "d.npz", num_clients=2, seed=1, max_examples=None)
+    # The first 2 ids in sorted order: "a" (3 examples) and "b" (7): padded to 7.
+    assert (spec.num_clients, spec.num_features, spec.num_classes, spec.split_sizes) == (2, 4, 4, (6, 1))
+    a = datasets.make_client(spec, 0)
+    assert a["train"]["mask"].sum() + a["test"]["mask"].sum() == 3
+    rows = np.flatnonzero(ids == "a")
+    got = np.concatenate([a["train"]["x"][a["train"]["mask"] > 0], a["test"]["x"][:1]])
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, x[rows].reshape(3, 4).astype(np.float32).tolist()))
+    everyone = datasets.open_npz(tmp_path / "d.npz", seed=1, max_examples=10)
+    assert everyone.num_clients == 3 and sum(everyone.split_sizes) == 10  # "c" capped at 10
+    assert datasets.example_counts(everyone).tolist() == [3, 7, 10]
+
+
+def test_local_steps_are_the_same_for_every_client():
+    data = datasets.DatasetSpec("synthetic", 6, seed=0, max_examples=60)
+    model = models.ModelSpec("logreg", data.num_features, data.num_classes)
+    with mpx.local_executor_factory() as factory:
+        res = program.run_fedavg(model, data, program.FedAvgConfig(rounds=1, local_steps=3, batch_size=4), factory)
+    # local loss is averaged over the examples visited: 6 clients x 3 steps x 4 examples.
+    comps = program.build_computations(model, data, program.FedAvgConfig(rounds=1, local_steps=3, batch_size=4))
+    params = models.initial_params(model, np.random.default_rng(0))
+    with mpx.execution_context(mpx.local_executor_factory()):
+        _, _, seen = comps.train_round(params, np.int32(5), datasets.client_data(data))
+    assert float(seen) == 6 * 3 * 4
+    assert res.rounds[0].metrics["local_loss"] > 0
