@@ -147,6 +147,9 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="rounds per configuration, the first is warm-up (default: 6; 3 with --quick)")
     p.add_argument("--peer", choices=("auto", "off"), default="auto",
                    help="auto: also measure TFF 0.87 if its venv exists (default: auto)")
+    p.add_argument("--ray", choices=("auto", "off"), default="auto",
+                   help="auto: also measure a 2-actor Ray executor at the two smallest client counts when "
+                   "ray is installed (a note says so when it is not); off: skip it (default: auto)")
     p.add_argument("--peer-venv", default=None, metavar="DIR",
                    help="the TFF venv (default: $MP_EXECUTORS_TFF_VENV or ~/.cache/mp_executors/tff-venv)")
 
@@ -162,7 +165,7 @@ def _bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     doc = bench.run_suite(out, quick=args.quick, rounds=args.rounds, peer=args.peer,
                           peer_venv=Path(args.peer_venv) if args.peer_venv else None, command=command,
-                          log=lambda line: print(line, flush=True))
+                          log=lambda line: print(line, flush=True), ray=args.ray)
     print()
     print((out / "bench.md").read_text())
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots in {doc['duration_s']:.0f} s")

@@ -29,7 +29,8 @@ def _code(path: Path) -> str:
 def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
     start = time.perf_counter()
-    assert cli.main(["bench", "--quick", "--out", str(out)]) == 0
+    # Ray (when installed) is tested below with a stand-in: a real cluster start costs ~15 s.
+    assert cli.main(["bench", "--quick", "--ray", "off", "--out", str(out)]) == 0
     elapsed = time.perf_counter() - start
     # ~30 s on a quiet 2-core machine; the bound leaves room for a loaded CI box.
     assert elapsed < 120, f"--quick took {elapsed:.0f} s"
@@ -54,6 +55,26 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
         pass
     else:
         assert {"fedavg_scaling.png", "overhead_scaling.png", "workers_scaling.png"} <= {p.name for p in out.iterdir()}
+
+
+def test_ray_rows_when_ray_is_installed_and_a_note_when_not(monkeypatch):
+    import mp_executors as mpx
+
+    cfg = bench.SuiteConfig([4, 8, 16], [4, 8, 16], [1], 8, rounds=2)
+    suite = bench.Suite(cfg, log=lambda _: None)
+    monkeypatch.setattr(bench, "_ray_factory", mpx.local_executor_factory)  # stands in for 2 Ray actors
+    suite.ray()
+    got = sorted((r["workload"], r["clients"]) for r in suite.rows if r["runtime"] == "ray")
+    assert got == [("fedavg", 4), ("fedavg", 8), ("overhead", 4), ("overhead", 8)]  # the 2 smallest only
+    assert all(r["workers"] == bench.RAY_WORKERS and len(r["samples"]) == 2 for r in suite.rows)
+    doc = {"rows": suite.rows, "ratios": bench.ratios(suite.rows), "command": "x", "when": "now",
+           "machine": {"cpus": 2, "memory": 2**34, "python": "3", "tensorflow": "2"},
+           "config": {"rounds": 2, "big_rounds": 3, "big_threshold": 10_000, "fedavg_clients": [4, 8, 16]},
+           "notes": []}
+    assert "| mp_executors ray (2 actors), data passed |" in bench.markdown(doc)
+    monkeypatch.setattr(bench, "_ray_factory", lambda: None)  # not installed
+    suite.ray()
+    assert cfg.notes == ["ray not measured: Ray is not installed (pip install 'mp_executors[ray]')"]
 
 
 def test_bench_rejects_one_round(capsys):

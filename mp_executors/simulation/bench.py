@@ -10,13 +10,16 @@ Workloads (`workloads.py`, FACTS.md "the peer"):
     local        `local_executor_factory`, client data passed each round
     mp           `mp_executor_factory` (auto-sized), client data passed each round
     mp-resident  the same pool, client data built in the workers (`mpx.ClientData`)
+    ray          `mpx.ray_executor_factory(num_workers=2)`, data passed, at the two smallest
+                 client counts only (when `ray` is importable; otherwise a note says so;
+                 `--ray off` skips it)
   `local` and `mp` (data passed) stop at 1,000 clients: passing 10,000 clients (3.1 GB) every
   round holds ~4 copies at once, more than 24 GiB. A configuration that would not fit in the
   available memory is skipped with a note instead of being killed.
     tff          the peer, TFF 0.87's C++ runtime, data passed (only if its venv exists; not
                  at 10,000 clients: it needs ~3.5 GB per 1,000 clients there)
 - **overhead**: `federated_sum` of one float32 per client, 10 .. 10,000 clients, on local,
-  mp and tff (the per-client cost of the runtime itself).
+  mp, ray (two smallest counts) and tff (the per-client cost of the runtime itself).
 - **workers**: FedAvg at 1,000 resident clients on 1, 2, ... up to the usable CPUs workers
   (strong scaling), against the floor.
 
@@ -48,8 +51,11 @@ from typing import Any
 import numpy as np
 import psutil
 
-FEDAVG_RUNTIMES = ("floor", "local", "mp", "mp-resident", "tff")
-OVERHEAD_RUNTIMES = ("local", "mp", "tff")
+FEDAVG_RUNTIMES = ("floor", "local", "mp", "mp-resident", "ray", "tff")
+OVERHEAD_RUNTIMES = ("local", "mp", "ray", "tff")
+#: The Ray points: a 2-actor `mpx.ray_executor_factory`, at the smallest client counts only
+#: (its start-up is ~10-20 s; the sweep's time stays reasonable).
+RAY_WORKERS, RAY_POINTS = 2, 2
 DEFAULT_PEER_VENV = Path(os.environ.get("MP_EXECUTORS_TFF_VENV", Path.home() / ".cache/mp_executors/tff-venv"))
 
 
@@ -138,6 +144,29 @@ class Suite:
         if self._mp is None:
             self._mp = mpx.mp_executor_factory()
         return self._mp
+
+    def ray(self) -> None:
+        """FedAvg (data passed) and overhead on Ray, when `ray` is importable; else a note."""
+        import mp_executors as mpx  # noqa: PLC0415
+        from mp_executors.simulation import workloads as W  # noqa: PLC0415
+
+        factory = _ray_factory()
+        if factory is None:
+            self.cfg.notes.append("ray not measured: Ray is not installed (pip install 'mp_executors[ray]')")
+            self.log(self.cfg.notes[-1])
+            return
+        with factory:
+            for n in sorted(self.cfg.fedavg_clients)[:RAY_POINTS]:
+                self.log(f"FedAvg on Ray ({RAY_WORKERS} actors), {n} clients, {self.cfg.rounds_for(n)} rounds")
+                clients = W.make_clients(n)
+                self.add("fedavg", "ray", n, self._fedavg_rounds(factory, clients, self.cfg.rounds_for(n)),
+                         workers=RAY_WORKERS)
+            for n in sorted(self.cfg.overhead_clients)[:RAY_POINTS]:
+                self.log(f"federated_sum on Ray, {n} clients, {self.cfg.rounds} rounds")
+                values = list(np.random.default_rng(0).random(n, dtype=np.float32))
+                with mpx.execution_context(factory):
+                    self.add("overhead", "ray", n, measure(lambda v=values: W.overhead_sum(v), self.cfg.rounds),
+                             workers=RAY_WORKERS)
 
     def close(self) -> None:
         if self._mp is not None:
@@ -277,6 +306,17 @@ class Suite:
         self.log(f"peer done in {time.perf_counter() - started:.0f} s")
 
 
+def _ray_factory() -> Any:
+    """A 2-actor `mpx.ray_executor_factory`, or None when Ray is not installed."""
+    import importlib.util  # noqa: PLC0415
+
+    if importlib.util.find_spec("ray") is None:
+        return None
+    import mp_executors as mpx  # noqa: PLC0415
+
+    return mpx.ray_executor_factory(num_workers=RAY_WORKERS)
+
+
 def _release_memory() -> None:
     """Collects garbage and hands freed heap back to the OS (glibc keeps it otherwise).
 
@@ -321,7 +361,7 @@ def _fmt_s(x: float | None) -> str:
 def ratios(rows: list[dict]) -> list[dict]:
     """ours / peer and mp / floor at every client count where both exist."""
     out = []
-    for workload, ours_list in (("fedavg", ("mp", "mp-resident", "local")), ("overhead", ("mp", "local"))):
+    for workload, ours_list in (("fedavg", ("mp", "mp-resident", "local", "ray")), ("overhead", ("mp", "local", "ray"))):
         ns = sorted({r["clients"] for r in rows if r["workload"] == workload})
         for n in ns:
             peer = _median(rows, workload, "tff", n)
@@ -357,6 +397,7 @@ def markdown(doc: dict) -> str:
                   "|---|" + "---|" * len(fed_n)]
         labels = {"floor": "plain TF, one graph, 1 process (floor)", "local": "mp_executors local",
                   "mp": "mp_executors mp, data passed each round", "mp-resident": "mp_executors mp, data resident (ClientData)",
+                  "ray": f"mp_executors ray ({RAY_WORKERS} actors), data passed",
                   "tff": "TFF 0.87 native runtime (peer), data passed"}
         for rt in FEDAVG_RUNTIMES:
             if any(r["workload"] == "fedavg" and r["runtime"] == rt for r in rows):
@@ -473,7 +514,7 @@ def machine() -> dict:
 
 def run_suite(out_dir: Path, quick: bool = False, rounds: int | None = None, peer: str = "auto",
               peer_venv: Path | None = None, command: str = "mp-executors bench",
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, ray: str = "auto") -> dict:
     """Runs the suite and writes bench.json, bench.md and the plots into `out_dir`."""
     import mp_executors  # noqa: PLC0415, F401 - quiet TF import first
     from mp_executors._tf import tf  # noqa: PLC0415, F401
@@ -486,6 +527,8 @@ def run_suite(out_dir: Path, quick: bool = False, rounds: int | None = None, pee
         suite.fedavg()
         suite.overhead()
         suite.workers()
+        if ray != "off":
+            suite.ray()
     finally:
         suite.close()
     venv = peer_venv or DEFAULT_PEER_VENV
