@@ -185,10 +185,6 @@ class StructType(Type):
         self._names = {n: i for i, (n, _) in enumerate(pairs) if n is not None}
         self.container_type = container_type
 
-    @classmethod
-    def with_container(cls, elements: Any, container_type: type | None) -> StructType:
-        return cls(elements, container_type)
-
     def _key(self):
         return self._elements
 
@@ -323,21 +319,6 @@ class FunctionType(Type):
         return self.result.is_assignable_from(other.result)
 
 
-class AbstractType(Type):
-    """A placeholder for types only known when an argument arrives (unused publicly)."""
-
-    __slots__ = ("label",)
-
-    def __init__(self, label: str):
-        self.label = label
-
-    def _key(self):
-        return (self.label,)
-
-    def __str__(self) -> str:
-        return self.label
-
-
 class PlacementType(Type):
     """The type of a placement literal."""
 
@@ -429,7 +410,7 @@ def is_federated(t: Type | None) -> bool:
 
 def is_tensorflow_compatible(t: Type | None) -> bool:
     """Tensors, sequences and structs of them: what a tf_computation can take."""
-    return t is None or not contains(t, lambda x: isinstance(x, (FederatedType, FunctionType, PlacementType, AbstractType)))
+    return t is None or not contains(t, lambda x: isinstance(x, (FederatedType, FunctionType, PlacementType)))
 
 
 def is_numeric(t: Type) -> bool:
@@ -447,17 +428,3 @@ def is_floating(t: Type) -> bool:
     if isinstance(t, StructType):
         return len(t) > 0 and all(is_floating(e) for e in t)
     return False
-
-
-def with_container(t: Type, like: Type) -> Type:
-    """Copies container types from `like` onto the equal type `t`, recursively."""
-    if isinstance(t, StructType) and isinstance(like, StructType) and len(t) == len(like):
-        return StructType(
-            [(n, with_container(e, le)) for (n, e), le in zip(t.items(), like)],
-            like.container_type or t.container_type,
-        )
-    if isinstance(t, FederatedType) and isinstance(like, FederatedType):
-        return FederatedType(with_container(t.member, like.member), t.placement, t.all_equal)
-    if isinstance(t, SequenceType) and isinstance(like, SequenceType):
-        return SequenceType(with_container(t.element, like.element))
-    return t

@@ -372,9 +372,6 @@ class ClientShard:
             partials.append(acc)
         return partials
 
-    def num_clients(self) -> int:
-        return self.size
-
 
 # --------------------------------------------------------------------------- helpers
 

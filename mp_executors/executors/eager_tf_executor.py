@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from mp_executors._tf import tf
 from mp_executors.core import building_blocks as bb
 from mp_executors.core import intrinsics, structure, values
@@ -167,4 +165,4 @@ class _NullScope:
         return False
 
 
-__all__ = ["EagerTFExecutor", "EagerValue", "call_function", "to_numpy", "np"]
+__all__ = ["EagerTFExecutor", "EagerValue", "call_function", "to_numpy"]
