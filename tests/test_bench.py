@@ -42,30 +42,33 @@ def test_quick_bench_writes_json_markdown_and_plots(tmp_path, capsys):
         for rt in ("floor", "local", "mp", "mp-resident"):
             assert ("fedavg", rt, n) in got
         assert ("overhead", "local", n) in got and ("overhead", "mp", n) in got
+        assert ("main", "local", n) in got and ("main", "mp", n) in got  # the main job's round
     assert {r["workers"] for r in doc["rows"] if r["workload"] == "workers"} >= {1}
     for r in doc["rows"]:
         assert r["min"] <= r["median"] <= r["max"] and len(r["samples"]) == r["rounds"] == 3
     assert doc["machine"]["cpus"] >= 1 and doc["machine"]["tensorflow"]
     md = (out / "bench.md").read_text()
     assert "**FedAvg round**" in md and "| mp_executors mp, data resident (ClientData) |" in md
+    assert "**Main job round (synthetic, logreg)**" in md
     assert "**Worker scaling**" in md and "**Peak worker memory during FedAvg**" in md and md in stdout
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         pass
     else:
-        assert {"fedavg_scaling.png", "overhead_scaling.png", "workers_scaling.png"} <= {p.name for p in out.iterdir()}
+        assert {"fedavg_scaling.png", "overhead_scaling.png", "main_scaling.png", "workers_scaling.png"} <= {
+            p.name for p in out.iterdir()}
 
 
 def test_ray_rows_when_ray_is_installed_and_a_note_when_not(monkeypatch):
     import mp_executors as mpx
 
-    cfg = bench.SuiteConfig([4, 8, 16], [4, 8, 16], [1], 8, rounds=2)
+    cfg = bench.SuiteConfig([4, 8, 16], [4, 8, 16], [1], 8, rounds=2, main_clients=[4, 8, 16])
     suite = bench.Suite(cfg, log=lambda _: None)
     monkeypatch.setattr(bench, "_ray_factory", mpx.local_executor_factory)  # stands in for 2 Ray actors
     suite.ray()
     got = sorted((r["workload"], r["clients"]) for r in suite.rows if r["runtime"] == "ray")
-    assert got == [("fedavg", 4), ("fedavg", 8), ("overhead", 4), ("overhead", 8)]  # the 2 smallest only
+    assert got == [("fedavg", 4), ("fedavg", 8), ("main", 4), ("main", 8), ("overhead", 4), ("overhead", 8)]
     assert all(r["workers"] == bench.RAY_WORKERS and len(r["samples"]) == 2 for r in suite.rows)
     doc = {"rows": suite.rows, "ratios": bench.ratios(suite.rows), "command": "x", "when": "now",
            "machine": {"cpus": 2, "memory": 2**34, "python": "3", "tensorflow": "2"},

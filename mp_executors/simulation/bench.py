@@ -20,17 +20,21 @@ Workloads (`workloads.py`, FACTS.md "the peer"):
                  at 10,000 clients: it needs ~3.5 GB per 1,000 clients there)
 - **overhead**: `federated_sum` of one float32 per client, 10 .. 10,000 clients, on local,
   mp, ray (two smallest counts) and tff (the per-client cost of the runtime itself).
+- **main**: one training round of the main job (`mp-executors run`'s FedAvg program, built as
+  `job.py` builds it: synthetic FedProx data, the default logreg model and training settings),
+  client data resident (the dataset's ClientData), at 100 and 1,000 clients, on local, mp and
+  ray (two smallest counts).
 - **workers**: FedAvg at 1,000 resident clients on 1, 2, ... up to the usable CPUs workers
   (strong scaling), against the floor.
 
 Every number is the median of rounds 2..R of one configuration (round 1 is warm-up: pool
 start, graph import, tracing), with min, max and all samples. The 10,000-client points run
 fewer rounds (3) to keep the full suite within ~15 minutes on 2 cores. `--quick` is a tiny
-sweep (8 and 32 clients, 3 rounds, no peer) for tests and smoke checks.
+sweep (8 and 32 clients, 3 rounds, no peer; main at 8 and 32 clients) for tests and smoke checks.
 
 Outputs in DIR: bench.json (everything, plus the machine), bench.md (the tables that go into
 README's performance section: see benchmarks/update_readme.py), fedavg_scaling.png,
-overhead_scaling.png, workers_scaling.png (when matplotlib is installed).
+overhead_scaling.png, main_scaling.png, workers_scaling.png (when matplotlib is installed).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ import psutil
 
 FEDAVG_RUNTIMES = ("floor", "local", "mp", "mp-resident", "ray", "tff")
 OVERHEAD_RUNTIMES = ("local", "mp", "ray", "tff")
+MAIN_RUNTIMES = ("local", "mp", "ray")
 #: The Ray points: a 2-actor `mpx.ray_executor_factory`, at the smallest client counts only
 #: (its start-up is ~10-20 s; the sweep's time stays reasonable).
 RAY_WORKERS, RAY_POINTS = 2, 2
@@ -75,6 +80,7 @@ class SuiteConfig:
     # at 1,000 clients, like the peer.
     local_fedavg_max: int = 1000
     passed_fedavg_max: int = 1000
+    main_clients: list[int] = field(default_factory=lambda: [100, 1000])  # the main job's round
     name: str = "full"
     notes: list[str] = field(default_factory=list)
 
@@ -86,7 +92,8 @@ def suite_config(quick: bool, rounds: int | None = None) -> SuiteConfig:
     cpus = max(1, len(psutil.Process().cpu_affinity()) if hasattr(psutil.Process(), "cpu_affinity")
                else psutil.cpu_count() or 1)
     if quick:
-        return SuiteConfig([8, 32], [8, 32], sorted({1, min(2, cpus)}), 32, rounds or 3, name="quick")
+        return SuiteConfig([8, 32], [8, 32], sorted({1, min(2, cpus)}), 32, rounds or 3, main_clients=[8, 32],
+                           name="quick")
     workers = sorted({1, *[w for w in (2, 4, 8, 16, 32, 64) if w <= cpus], cpus})
     return SuiteConfig([10, 100, 1000, 10_000], [10, 100, 1000, 10_000], workers, 1000, rounds or 6)
 
@@ -167,6 +174,9 @@ class Suite:
                 with mpx.execution_context(factory):
                     self.add("overhead", "ray", n, measure(lambda v=values: W.overhead_sum(v), self.cfg.rounds),
                              workers=RAY_WORKERS)
+            for n in sorted(self.cfg.main_clients)[:RAY_POINTS]:
+                self.log(f"main job round on Ray, {n} clients, {self.cfg.rounds_for(n)} rounds")
+                self.add("main", "ray", n, _main_rounds(factory, n, self.cfg.rounds_for(n)), workers=RAY_WORKERS)
 
     def close(self) -> None:
         if self._mp is not None:
@@ -267,6 +277,19 @@ class Suite:
                 self.add("overhead", "mp", n, measure(lambda v=values: W.overhead_sum(v), rounds, mp),
                          workers=mp.plan(n).num_workers)
 
+    def main(self) -> None:
+        """One round of the main job's program (synthetic, logreg, defaults), data resident."""
+        import mp_executors as mpx  # noqa: PLC0415
+
+        for n in self.cfg.main_clients:
+            rounds = self.cfg.rounds_for(n)
+            self.log(f"main job round (synthetic, logreg), {n} clients, {rounds} rounds")
+            with mpx.local_executor_factory() as local:
+                self.add("main", "local", n, _main_rounds(local, n, rounds), workers=0)
+            mp = self.mp_factory()
+            self.add("main", "mp", n, _main_rounds(mp, n, rounds), workers=mp.plan(n).num_workers)
+            mp.clean_up_executor({mpx.CLIENTS: n})
+
     def workers(self) -> None:
         import mp_executors as mpx  # noqa: PLC0415
         from mp_executors.simulation import workloads as W  # noqa: PLC0415
@@ -304,6 +327,35 @@ class Suite:
             self.log(f"  {row['workload']:8s} tff          {row['clients']:>6d} clients: median {row['median']:.4f} s")
         self.peer_versions = doc.get("versions", {})
         self.log(f"peer done in {time.perf_counter() - started:.0f} s")
+
+
+def _main_rounds(factory: Any, clients: int, rounds: int) -> dict:
+    """`rounds` training rounds of the main job's program on `factory` (`measure`d).
+
+    The specs come from `mp-executors run`'s own flag defaults (`job.specs_from_args`), and
+    each round is `program.build_computations(...).train_round` over the dataset's ClientData,
+    exactly as `program.run_fedavg` calls it (without its evaluations).
+    """
+    import argparse  # noqa: PLC0415
+
+    import mp_executors as mpx  # noqa: PLC0415
+    from mp_executors.simulation import datasets, job, models, program  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser()
+    job.add_arguments(parser)
+    model, data, cfg = job.specs_from_args(parser.parse_args(
+        ["--dataset", "synthetic", "--model", "logreg", "--clients", str(clients), "--rounds", str(rounds)]))
+    comps = program.build_computations(model, data, cfg)
+    everyone = datasets.client_data(data)
+    seeds = iter([seed for _, seed in program.sample_schedule(data.num_clients, cfg)])
+    state = {"params": models.initial_params(model, np.random.default_rng([cfg.seed, 0]))}
+
+    def one_round():
+        state["params"], loss_sum, _ = comps.train_round(state["params"], np.int32(next(seeds)), everyone)
+        float(loss_sum)
+
+    with mpx.execution_context(factory):
+        return measure(one_round, rounds, factory)
 
 
 def _ray_factory() -> Any:
@@ -430,6 +482,16 @@ def markdown(doc: dict) -> str:
                     cells.append("–" if v is None else f"{v / n * 1e6:.1f}")
                 lines.append(f"| {rt} | " + " | ".join(cells) + " |")
         lines.append("")
+    main_n = sorted({r["clients"] for r in rows if r["workload"] == "main"})
+    if main_n:
+        lines += ["**Main job round (synthetic, logreg)**: one training round of `mp-executors run` (FedProx "
+                  "synthetic(1,1), 60→10 softmax, default settings: 10 local steps of batch 10), data resident:", "",
+                  "| runtime | " + " | ".join(f"{n:,} clients" for n in main_n) + " |",
+                  "|---|" + "---|" * len(main_n)]
+        for rt in MAIN_RUNTIMES:
+            if any(r["workload"] == "main" and r["runtime"] == rt for r in rows):
+                lines.append(f"| {rt} | " + " | ".join(_fmt_s(_median(rows, "main", rt, n)) for n in main_n) + " |")
+        lines.append("")
     wk = [r for r in rows if r["workload"] == "workers"]
     if wk:
         n = wk[0]["clients"]
@@ -469,7 +531,10 @@ def plots(doc: dict, out_dir: Path) -> list[str]:
     for workload, runtimes, ylabel, per_client in (
         ("fedavg", FEDAVG_RUNTIMES, "seconds per round", False),
         ("overhead", OVERHEAD_RUNTIMES, "µs per client", True),
+        ("main", MAIN_RUNTIMES, "seconds per round", False),
     ):
+        if not any(r["workload"] == workload for r in rows):
+            continue
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for rt in runtimes:
             pts = sorted((r["clients"], r["median"]) for r in rows if r["workload"] == workload and r["runtime"] == rt)
@@ -478,7 +543,8 @@ def plots(doc: dict, out_dir: Path) -> list[str]:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set(xlabel="clients", ylabel=ylabel,
-               title="FedAvg round time" if workload == "fedavg" else "federated_sum overhead per client")
+               title={"fedavg": "FedAvg round time", "overhead": "federated_sum overhead per client",
+                      "main": "Main job round (synthetic, logreg)"}[workload])
         ax.grid(alpha=0.3, which="both")
         ax.legend()
         fig.tight_layout()
@@ -526,6 +592,7 @@ def run_suite(out_dir: Path, quick: bool = False, rounds: int | None = None, pee
     try:
         suite.fedavg()
         suite.overhead()
+        suite.main()
         suite.workers()
         if ray != "off":
             suite.ray()
@@ -548,6 +615,7 @@ def run_suite(out_dir: Path, quick: bool = False, rounds: int | None = None, pee
         "machine": machine(),
         "config": {"rounds": cfg.rounds, "big_rounds": cfg.big_rounds, "big_threshold": cfg.big_threshold,
                    "fedavg_clients": cfg.fedavg_clients, "overhead_clients": cfg.overhead_clients,
+                   "main_clients": cfg.main_clients,
                    "workers": cfg.workers, "workers_clients": cfg.workers_clients},
         "rows": suite.rows, "ratios": ratios(suite.rows), "notes": cfg.notes,
         "peer_versions": getattr(suite, "peer_versions", None),
