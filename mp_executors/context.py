@@ -57,7 +57,6 @@ class ExecutionContext:
                 attempts += 1
                 if attempts > getattr(self.executor_factory, "max_retries", 0):
                     crash.attempts = attempts
-                    crash.args = (crash._message(),)
                     raise
                 logger.warning("mp_executors: retrying %s on a fresh worker (retry %d)", comp.name, attempts)
         return values.to_python(result, fn_type.result)

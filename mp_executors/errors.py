@@ -24,7 +24,11 @@ class WorkerCrashedError(RuntimeError):
                  last_rss: int | None, phase: str, attempts: int = 1):
         self.slot, self.clients, self.exitcode, self.last_rss = slot, clients, exitcode, last_rss
         self.phase, self.attempts = phase, attempts
-        super().__init__(self._message())
+        super().__init__(slot, clients, exitcode, last_rss, phase, attempts)
+
+    def __str__(self) -> str:
+        # Derived from the fields, so that updating `attempts` updates the message.
+        return self._message()
 
     def describe(self) -> str:
         """What happened, without the advice (for log lines before a retry)."""

@@ -144,20 +144,29 @@ def _as_numpy(x: Any) -> Any:
     return x.numpy() if tf.is_tensor(x) and not isinstance(x, tf.data.Dataset) else x
 
 
-def columns_from_clients(member_type: t.Type, reps: list[Any]) -> list:
-    """Stacks per-client reps into columns (Batched where shapes agree)."""
+def leaves_by_column(member_type: t.Type, reps: list[Any]) -> list[tuple[t.Type, list[Any], bool]]:
+    """Per leaf of `member_type`: (leaf type, every client's value, whether they stack).
+
+    Values stack into one array when the leaf is a tensor and every client's
+    shape agrees; shared by the in-process path and the worker transport.
+    """
     leaf_types = structure.flatten_type(member_type)
-    per_leaf = [[] for _ in leaf_types]
+    per_leaf: list[list[Any]] = [[] for _ in leaf_types]
     for rep in reps:
         for j, leaf in enumerate(structure.flatten(rep)):
             per_leaf[j].append(_as_numpy(leaf))
-    columns = []
-    for lt, items in zip(leaf_types, per_leaf):
-        if _is_tensor_leaf(lt) and items and all(np.shape(x) == np.shape(items[0]) for x in items):
-            columns.append(Batched(np.stack([np.asarray(x, dtype=lt.dtype) for x in items])))
-        else:
-            columns.append(PerClient(items))
-    return columns
+    return [
+        (lt, items, _is_tensor_leaf(lt) and bool(items) and all(np.shape(x) == np.shape(items[0]) for x in items))
+        for lt, items in zip(leaf_types, per_leaf)
+    ]
+
+
+def columns_from_clients(member_type: t.Type, reps: list[Any]) -> list:
+    """Stacks per-client reps into columns (Batched where shapes agree)."""
+    return [
+        Batched(np.stack([np.asarray(x, dtype=lt.dtype) for x in items])) if stacks else PerClient(items)
+        for lt, items, stacks in leaves_by_column(member_type, reps)
+    ]
 
 
 def columns_from_value(member_type: t.Type, rep: Any) -> list:

@@ -392,9 +392,6 @@ class RemoteShard:
         slot = self.slot
         segments = self._prepared.pop(args[0], None) if method == "put_columns" else None
         try:
-            if method == "put":  # not prepared by the caller
-                method, args = self.prepare(method, args)
-                segments = self._prepared.pop(args[0], None)
             if slot.broken:
                 raise self.pool.crashed(slot, method, (self.start, self.stop))
             args, new_functions = transport.strip_known_functions(args, slot.known_functions)

@@ -138,18 +138,12 @@ def read_shared(ref: SharedArray) -> Any:
 
 def encode_columns(member_type: Any, reps: list[Any], segments: Segments, first_client: int = 0) -> list[tuple[str, Any]]:
     """Per-client reps -> columns ready to send: ('batched', array|SharedArray) or ('per_client', list)."""
-    from mp_executors.core import structure  # noqa: PLC0415
     from mp_executors.core import types as t  # noqa: PLC0415
-    from mp_executors.executors.client_shard import _is_tensor_leaf  # noqa: PLC0415
+    from mp_executors.executors.client_shard import leaves_by_column  # noqa: PLC0415
 
-    leaf_types = structure.flatten_type(member_type)
-    per_leaf: list[list[Any]] = [[] for _ in leaf_types]
-    for rep in reps:
-        for j, leaf in enumerate(structure.flatten(rep)):
-            per_leaf[j].append(leaf)
     columns = []
-    for lt, items in zip(leaf_types, per_leaf):
-        if _is_tensor_leaf(lt) and items and all(np.shape(x) == np.shape(items[0]) for x in items):
+    for lt, items, stacks in leaves_by_column(member_type, reps):
+        if stacks:
             columns.append(("batched", segments.stack(items, lt.dtype)))
         elif isinstance(lt, t.SequenceType):
             graphs = []
