@@ -21,6 +21,7 @@ import importlib as _importlib
 import logging as _logging
 
 from mp_executors import _tf as _quiet_tf
+from mp_executors.core import context_stack as _context_stack
 
 # Types and placements are cheap; everything else imports TensorFlow, so it is
 # loaded on first use (PEP 562): `mp-executors info` and worker planning stay
@@ -38,6 +39,16 @@ from mp_executors.core.types import (
 )
 
 _quiet_tf.install_import_hook()
+
+
+def _create_default_context():
+    # The language (core) never imports a runtime: the package, which sits above
+    # both, tells it how to make the default context. Imported on first use, as
+    # everything below: the runtime imports TensorFlow.
+    return _importlib.import_module("mp_executors.context").create_default_context()
+
+
+_context_stack.set_default_maker(_create_default_context)
 
 _LAZY = {
     "executors": "mp_executors.executors",
@@ -67,7 +78,7 @@ _LAZY = {
     "sequence_sum": "mp_executors.core.intrinsics",
     "Struct": "mp_executors.core.structure",
     "infer_cardinalities": "mp_executors.core.values",
-    "infer_type": "mp_executors.core.values",
+    "infer_type": "mp_executors.core.type_inference",
     "ExecutorFactory": "mp_executors.factories.base",
     "WorkerCrashedError": "mp_executors.errors",
     "ClientWorkError": "mp_executors.errors",
@@ -75,7 +86,7 @@ _LAZY = {
     "mp_executor_factory": "mp_executors.factories.mp",
     # Ray is an optional extra: imported only when one of these is used.
     "ray_executor_factory": "mp_executors.factories.ray",
-    "set_ray_execution_context": "mp_executors.factories.ray",
+    "set_ray_execution_context": "mp_executors.context",
 }
 
 

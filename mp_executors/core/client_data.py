@@ -17,7 +17,10 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import cloudpickle
+
 from mp_executors.core import types as t
+from mp_executors.core.type_inference import infer_type
 
 
 class ClientData:
@@ -27,8 +30,6 @@ class ClientData:
         if not callable(fn):
             raise TypeError(f"ClientData: fn must be callable (client_id -> data), got {type(fn).__name__}.")
         try:
-            import cloudpickle  # noqa: PLC0415
-
             cloudpickle.dumps(fn)
         except Exception as e:  # noqa: BLE001 - any pickling failure means the workers cannot get it
             raise TypeError(
@@ -45,8 +46,6 @@ class ClientData:
         if not self.client_ids:
             raise ValueError("ClientData: client_ids is empty; give at least one client id.")
         if element_type is None:
-            from mp_executors.core.values import infer_type  # noqa: PLC0415 - avoid a cycle
-
             sample = fn(self.client_ids[0])
             try:
                 element_type = infer_type(sample)
@@ -61,6 +60,11 @@ class ClientData:
             raise TypeError(f"ClientData: element_type {element_type!r} is not a type ({e}).") from None
         # Identifies this description across calls: workers cache built data by it.
         self.key = uuid.uuid4().hex
+
+    @property
+    def federated_type(self) -> t.FederatedType:
+        """What a ClientData argument is: one `element_type` value per client."""
+        return t.FederatedType(self.element_type, t.CLIENTS)
 
     def __len__(self) -> int:
         return len(self.client_ids)

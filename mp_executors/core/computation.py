@@ -8,7 +8,7 @@ it calls appends a binding to the current trace, so the body becomes
 is what makes `v = random(); return v, v` return two equal values.
 
 A computation called from plain Python runs in the current execution context
-(see `mp_executors.context`); called on `Value`s inside a federated trace it
+(`core.context_stack.current()`, which the runtime installs into); called on `Value`s inside a federated trace it
 adds a `Call` to the trace.
 """
 
@@ -22,10 +22,13 @@ from typing import Any
 
 import numpy as np
 
+from mp_executors._tf import tf
 from mp_executors.core import building_blocks as bb
-from mp_executors.core import structure
+from mp_executors.core import context_stack, structure, type_inference, uris, values
+from mp_executors.core import tensorflow_computation as tfc
 from mp_executors.core import types as t
 from mp_executors.core.structure import Struct
+from mp_executors.core.tensorflow_computation import parameter_names
 
 # --------------------------------------------------------------------------- tracing state
 
@@ -79,9 +82,7 @@ class Value:
         if isinstance(ts, t.StructType):
             return Value(bb.Selection(self._node, key))
         if isinstance(ts, t.FederatedType) and isinstance(ts.member, t.StructType):
-            from mp_executors.core import intrinsics  # noqa: PLC0415 - cycle
-
-            return intrinsics.federated_select_member(self, key)
+            return _select_federated_member(self._node, ts, key)
         raise TypeError(f"cannot select {key!r} from a value of type {ts}: it is not a struct.")
 
     def __getattr__(self, name: str) -> Value:
@@ -118,6 +119,19 @@ class Value:
         raise TypeError("a symbolic Value has no truth value during tracing; use TensorFlow inside a tf_computation.")
 
 
+def _select_federated_member(node: bb.BuildingBlock, ts: t.FederatedType, key: int | str) -> Value:
+    """`value.a` on a federated struct: the member's element, at the same placement.
+
+    Built here rather than in `intrinsics` (which builds on this module): it is
+    what selecting from a symbolic Value means, not a function users call.
+    """
+    index = ts.member.index_of(key)
+    index_node = bb.Data(np.asarray(index, dtype=np.int32), t.TensorType(np.int32))
+    arg = bb.Struct([(None, node), (None, index_node)])
+    result = t.FederatedType(ts.member[index], ts.placement, ts.all_equal)
+    return bind(bb.Call(bb.Intrinsic(uris.FEDERATED_SELECT_MEMBER, t.FunctionType(arg.type_signature, result)), arg))
+
+
 def to_building_block(value: Any, what: str = "value") -> bb.BuildingBlock:
     """Converts what user code passes inside a trace into an AST node."""
     if isinstance(value, Value):
@@ -137,10 +151,8 @@ def to_building_block(value: Any, what: str = "value") -> bb.BuildingBlock:
     if as_struct is not None:
         container = None if isinstance(value, Struct) else type(value)
         return bb.Struct([(n, to_building_block(v, what)) for n, v in as_struct.items()], container)
-    from mp_executors.core import values  # noqa: PLC0415 - cycle
-
     try:
-        value_type = values.infer_type(value)
+        value_type = type_inference.infer_type(value)
     except TypeError as e:
         raise TypeError(f"{what}: {e}") from None
     return bb.Data(values.to_representation(value, value_type, what), value_type)
@@ -193,8 +205,6 @@ class Computation:
 
     def argument_path(self) -> str:
         """How call-time errors name the argument: "fn: parameter 'xs'" or "fn: argument"."""
-        from mp_executors.core.tensorflow_computation import parameter_names  # noqa: PLC0415
-
         names = parameter_names(self._python_fn) if self._python_fn is not None else None
         if not self._unpack and names and len(names) == 1:
             return f"{self.name}: parameter {names[0]!r}"
@@ -215,17 +225,11 @@ class Computation:
                 raise TypeError(f"{self.name}: pass arguments positionally inside a federated computation.")
             return _call_node(self.building_block, self.type_signature, args, self._unpack, self.name)
         if isinstance(self.building_block, bb.CompiledComputation):
-            from mp_executors._tf import tf  # noqa: PLC0415
-
             if tf.inside_function():  # called from another tf_computation's body
                 return self._call_inside_tensorflow(args)
-        from mp_executors import context  # noqa: PLC0415 - cycle
-
-        return context.get_execution_context().invoke(self, self.pack_arguments(args, kwargs))
+        return context_stack.current().invoke(self, self.pack_arguments(args, kwargs))
 
     def _call_inside_tensorflow(self, args: tuple) -> Any:
-        from mp_executors.core import tensorflow_computation as tfc  # noqa: PLC0415
-
         fn_type = self.type_signature
         packed = _pack_arguments(args, fn_type.parameter, self._unpack, self.name)
         flat = [] if packed is None else structure.flatten(structure.from_container_deep(packed))
@@ -236,8 +240,6 @@ class Computation:
 
 def _parameter_type(parameter_types: tuple, fn: Callable) -> tuple[t.Type | None, bool]:
     """The single parameter type, and whether the function takes it unpacked."""
-    from mp_executors.core.tensorflow_computation import parameter_names  # noqa: PLC0415
-
     if not parameter_types:
         return None, False
     types = [t.to_type(p) for p in parameter_types]
@@ -250,8 +252,6 @@ def _parameter_type(parameter_types: tuple, fn: Callable) -> tuple[t.Type | None
 
 
 def _check_arity(fn: Callable, parameter: t.Type | None, unpack: bool, decorator: str) -> None:
-    from mp_executors.core.tensorflow_computation import parameter_names  # noqa: PLC0415
-
     names = parameter_names(fn)
     if names is None:
         return
@@ -277,8 +277,6 @@ def _decorator(builder: Callable, decorator: str, parameter_types: tuple):
 
 
 def _build_tf(fn: Callable, parameter_types: tuple) -> Computation:
-    from mp_executors.core import tensorflow_computation as tfc  # noqa: PLC0415
-
     parameter, unpack = _parameter_type(parameter_types, fn)
     _check_arity(fn, parameter, unpack, "tf_computation")
     if parameter is not None and not t.is_tensorflow_compatible(parameter):

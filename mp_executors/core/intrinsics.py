@@ -14,28 +14,26 @@ from typing import Any
 from mp_executors.core import building_blocks as bb
 from mp_executors.core import computation as comp
 from mp_executors.core import types as t
-
-# URIs, shared with the executors.
-FEDERATED_VALUE_CLIENTS = "federated_value_at_clients"
-FEDERATED_VALUE_SERVER = "federated_value_at_server"
-FEDERATED_EVAL_CLIENTS = "federated_eval_at_clients"
-FEDERATED_EVAL_SERVER = "federated_eval_at_server"
-FEDERATED_BROADCAST = "federated_broadcast"
-FEDERATED_MAP = "federated_map"
-FEDERATED_MAP_ALL_EQUAL = "federated_map_all_equal"
-FEDERATED_APPLY = "federated_apply"
-FEDERATED_SUM = "federated_sum"
-FEDERATED_MEAN = "federated_mean"
-FEDERATED_WEIGHTED_MEAN = "federated_weighted_mean"
-FEDERATED_AGGREGATE = "federated_aggregate"
-FEDERATED_ZIP_CLIENTS = "federated_zip_at_clients"
-FEDERATED_ZIP_SERVER = "federated_zip_at_server"
-FEDERATED_MIN = "federated_min"
-FEDERATED_MAX = "federated_max"
-FEDERATED_SELECT_MEMBER = "federated_select_member"
-SEQUENCE_MAP = "sequence_map"
-SEQUENCE_REDUCE = "sequence_reduce"
-SEQUENCE_SUM = "sequence_sum"
+from mp_executors.core.uris import (
+    FEDERATED_AGGREGATE,
+    FEDERATED_APPLY,
+    FEDERATED_BROADCAST,
+    FEDERATED_EVAL_CLIENTS,
+    FEDERATED_EVAL_SERVER,
+    FEDERATED_MAP,
+    FEDERATED_MAX,
+    FEDERATED_MEAN,
+    FEDERATED_MIN,
+    FEDERATED_SUM,
+    FEDERATED_VALUE_CLIENTS,
+    FEDERATED_VALUE_SERVER,
+    FEDERATED_WEIGHTED_MEAN,
+    FEDERATED_ZIP_CLIENTS,
+    FEDERATED_ZIP_SERVER,
+    SEQUENCE_MAP,
+    SEQUENCE_REDUCE,
+    SEQUENCE_SUM,
+)
 
 
 def _require_trace(name: str) -> None:
@@ -173,19 +171,6 @@ def federated_zip(value: Any) -> comp.Value:
     all_equal = all(e.all_equal for e in ts)
     uri = FEDERATED_ZIP_CLIENTS if placement == t.CLIENTS else FEDERATED_ZIP_SERVER
     return _call(uri, [node], t.FederatedType(member, placement, all_equal=all_equal))
-
-
-def federated_select_member(value: Any, key: int | str) -> comp.Value:
-    """`value.a` on a federated struct: the member's element, at the same placement."""
-    name = "federated selection"
-    node = _node(value, name, "value")
-    ts = _federated(node, name, "value")
-    if not isinstance(ts.member, t.StructType):
-        raise _error(name, "a federated struct", ts)
-    index = ts.member.index_of(key)
-    index_node = bb.Data(__import__("numpy").asarray(index, dtype="int32"), t.TensorType("int32"))
-    result = t.FederatedType(ts.member[index], ts.placement, ts.all_equal)
-    return _call(FEDERATED_SELECT_MEMBER, [node, index_node], result)
 
 
 # --------------------------------------------------------------------------- aggregations

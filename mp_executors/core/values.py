@@ -21,48 +21,9 @@ import numpy as np
 
 from mp_executors.core import structure
 from mp_executors.core import types as t
+from mp_executors.core.client_data import ClientData
 from mp_executors.core.structure import Struct
-
-
-def _is_dataset(value: Any) -> bool:
-    return type(value).__name__.endswith("Dataset") or hasattr(value, "element_spec") and hasattr(value, "_variant_tensor")
-
-
-def _is_tensor(value: Any) -> bool:
-    return hasattr(value, "numpy") and hasattr(value, "dtype") and hasattr(value, "shape") and not _is_dataset(value)
-
-
-# --------------------------------------------------------------------------- inference
-
-
-def infer_type(value: Any) -> t.Type:
-    """The type of a Python value (used when no type is declared)."""
-    from mp_executors.core.client_data import ClientData  # noqa: PLC0415 - avoid a cycle
-
-    if isinstance(value, ClientData):
-        return t.FederatedType(value.element_type, t.CLIENTS)
-    if _is_dataset(value):
-        from mp_executors.core.tensorflow_computation import type_from_element_spec  # noqa: PLC0415
-
-        return t.SequenceType(type_from_element_spec(value.element_spec))
-    if _is_tensor(value):
-        return t.TensorType(np.dtype(value.dtype.as_numpy_dtype) if value.dtype.name != "string" else object, value.shape)
-    if isinstance(value, bool):
-        return t.TensorType(np.bool_)
-    if isinstance(value, int):
-        return t.TensorType(np.int32)
-    if isinstance(value, float):
-        return t.TensorType(np.float32)
-    if isinstance(value, (str, bytes)):
-        return t.TensorType(object)
-    if isinstance(value, (np.ndarray, np.generic)):
-        return t.TensorType(value.dtype, value.shape)
-    as_struct = structure.from_container(value)
-    if as_struct is not None:
-        container = None if isinstance(value, Struct) else type(value)
-        return t.StructType([(n, infer_type(v)) for n, v in as_struct.items()], container)
-    raise TypeError(f"cannot infer a type for a value of Python type {type(value).__name__}.")
-
+from mp_executors.core.type_inference import is_dataset, is_tensor
 
 # --------------------------------------------------------------------------- conversion in
 
@@ -72,13 +33,13 @@ def _describe(value: Any) -> str:
         return f"an array of dtype {value.dtype} and shape {value.shape}"
     if isinstance(value, (list, tuple)):
         return f"a {type(value).__name__} of length {len(value)}"
-    return f"a {type(value).__name__} ({value!r})" if not _is_dataset(value) else "a dataset"
+    return f"a {type(value).__name__} ({value!r})" if not is_dataset(value) else "a dataset"
 
 
 def _tensor(value: Any, ts: t.TensorType, path: str) -> np.ndarray:
-    if _is_dataset(value) or callable(value) and not isinstance(value, np.ndarray):
+    if is_dataset(value) or callable(value) and not isinstance(value, np.ndarray):
         raise TypeError(f"{path}: expected {ts}, got {_describe(value)}.")
-    if _is_tensor(value):
+    if is_tensor(value):
         value = value.numpy()
     if ts.dtype == np.dtype(object):
         arr = np.asarray(value, dtype=object)
@@ -135,7 +96,7 @@ def _struct(value: Any, ts: t.StructType, path: str, clients: list) -> Struct:
 def _sequence(value: Any, ts: t.SequenceType, path: str):
     from mp_executors.core import tensorflow_computation as tfc  # noqa: PLC0415 - TF only when needed
 
-    if _is_dataset(value):
+    if is_dataset(value):
         actual = tfc.type_from_element_spec(value.element_spec)
         if not ts.element.is_assignable_from(actual):
             raise TypeError(f"{path}: expected a sequence of {ts.element}, got a dataset of {actual}.")
@@ -154,8 +115,6 @@ def to_representation(value: Any, type_spec: t.Type, path: str = "value", client
     `clients` collects (path, count) for every CLIENTS-placed part, so that
     the caller can infer and check the number of clients.
     """
-    from mp_executors.core.client_data import ClientData  # noqa: PLC0415 - avoid a cycle
-
     clients = [] if clients is None else clients
     if isinstance(type_spec, t.TensorType):
         return _tensor(value, type_spec, path)
@@ -223,7 +182,7 @@ def convert_argument(value: Any, type_spec: t.Type, path: str) -> tuple[Any, dic
 
 
 def _numpy(value: Any) -> Any:
-    if _is_tensor(value):
+    if is_tensor(value):
         value = value.numpy()
     if isinstance(value, np.ndarray) and value.shape == ():
         return value[()]
@@ -243,7 +202,7 @@ def to_python(rep: Any, type_spec: t.Type) -> Any:
             return packed
         return structure.to_container(packed, type_spec.container_type)
     if isinstance(type_spec, t.SequenceType):
-        if _is_dataset(rep):
+        if is_dataset(rep):
             return [to_python(structure.from_container_deep(e), type_spec.element) for e in rep]
         return [to_python(e, type_spec.element) for e in rep]
     if isinstance(type_spec, t.FederatedType):

@@ -9,11 +9,12 @@ nothing of placements. It never suspends, so `run_sync` can drive it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from mp_executors._tf import tf
 from mp_executors.core import building_blocks as bb
-from mp_executors.core import intrinsics, structure, values
+from mp_executors.core import structure, type_inference, uris, values
 from mp_executors.core import tensorflow_computation as tfc
 from mp_executors.core import types as t
 from mp_executors.core.structure import Struct
@@ -73,7 +74,7 @@ class EagerTFExecutor(Executor):
         self._device = device
 
     def _scope(self):
-        return tf.device(self._device) if self._device else _NullScope()
+        return tf.device(self._device) if self._device else contextlib.nullcontext()
 
     async def create_value(self, value: Any, type_spec: Any = None) -> EagerValue:
         if isinstance(value, EagerValue):
@@ -82,7 +83,7 @@ class EagerTFExecutor(Executor):
             return EagerValue(value, value.type_signature)
         if isinstance(value, bb.BuildingBlock):
             raise TypeError(f"EagerTFExecutor cannot hold {type(value).__name__} nodes; use a ReferenceResolvingExecutor above it.")
-        type_spec = values.infer_type(value) if type_spec is None else t.to_type(type_spec)
+        type_spec = type_inference.infer_type(value) if type_spec is None else t.to_type(type_spec)
         if t.is_federated(type_spec) or isinstance(type_spec, t.FunctionType):
             raise TypeError(f"EagerTFExecutor holds unplaced values only, not {type_spec}.")
         with self._scope():
@@ -117,14 +118,14 @@ class EagerTFExecutor(Executor):
 
     def _sequence_intrinsic(self, intrinsic: bb.Intrinsic, arg: Any) -> Any:
         param = intrinsic.type_signature.parameter
-        if intrinsic.uri == intrinsics.SEQUENCE_SUM:
+        if intrinsic.uri == uris.SEQUENCE_SUM:
             seq_type = param
             ds = tfc.as_dataset(arg, seq_type)
             leaf_types = structure.flatten_type(seq_type.element)
             zero = tuple(tf.zeros(lt.shape, tfc.tf_dtype(lt.dtype)) for lt in leaf_types)
             total = ds.reduce(zero, lambda acc, e: tuple(a + x for a, x in zip(acc, flatten_element(e, seq_type.element))))
             return structure.pack_type(seq_type.element, list(total))
-        if intrinsic.uri == intrinsics.SEQUENCE_MAP:
+        if intrinsic.uri == uris.SEQUENCE_MAP:
             fn, seq = arg[0], arg[1]
             seq_type, result_type = param[1], intrinsic.type_signature.result
             loaded = _loaded(fn, "sequence_map")
@@ -137,7 +138,7 @@ class EagerTFExecutor(Executor):
                 return tfc.dataset_to_element_structure(packed, result_type.element)
 
             return ds.map(apply)
-        if intrinsic.uri == intrinsics.SEQUENCE_REDUCE:
+        if intrinsic.uri == uris.SEQUENCE_REDUCE:
             zero, op, seq = arg[0], arg[1], arg[2]
             zero_type, seq_type = param[0], param[2]
             loaded = _loaded(op, "sequence_reduce")
@@ -155,14 +156,6 @@ def _loaded(fn: Any, name: str) -> tfc.LoadedFunction:
     if not isinstance(fn, bb.CompiledComputation):
         raise TypeError(f"{name}: the function must be a tf_computation, got {fn!r}.")
     return tfc.load(fn.function)
-
-
-class _NullScope:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 __all__ = ["EagerTFExecutor", "EagerValue", "call_function", "to_numpy"]

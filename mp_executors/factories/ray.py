@@ -7,7 +7,7 @@
                     (workers.ray_pool), each actor hosting the worker service
 
 It is `mp_executor_factory` with two changes: the pool's slots are Ray actors
-(`RayWorkerPool`), and the pool is planned (`resources.plan_pool`, the same
+(`RayWorkerPool`), and the pool is planned (`planning.plan_pool`, the same
 code) for the machine the Ray cluster is: its CPUs, GPUs and memory from
 `ray.cluster_resources()`. Ray is connected to (or, with `address=None` and no
 connection yet, started on this machine, bound to loopback) on the first call
@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from mp_executors.factories.mp import MpExecutorFactory
-from mp_executors.resources import Machine, PoolPlan, detect_machine, plan_pool
+from mp_executors.machine import Machine, detect_machine
+from mp_executors.planning import PoolPlan, plan_pool
 
 logger = logging.getLogger("mp_executors")
 
@@ -65,7 +66,7 @@ def init_local_ray(num_cpus: int | None = None, **init_kwargs: Any) -> None:
 
 
 def cluster_machine(gpus_per_worker: float = 0) -> Machine:
-    """The connected Ray cluster as a `resources.Machine`, for `plan_pool`.
+    """The connected Ray cluster as a `machine.Machine`, for `plan_pool`.
 
     CPUs and memory are the cluster's totals. GPUs are counted in units of
     `gpus_per_worker` (2 GPUs at 0.5 per worker = 4 units), so that the
@@ -97,7 +98,7 @@ class RayExecutorFactory(MpExecutorFactory):
     def __init__(self, address: str | None = None, default_num_clients: int = 0, max_fanout: int = 100,
                  server_device: str | None = None, client_devices: Sequence[str] = (), *,
                  num_workers: int | None = None, cpus_per_worker: int | None = None, gpus_per_worker: float = 0,
-                 memory_per_worker: int | str | None = None, max_retries: int = 1,
+                 memory_per_worker: int | str | None = None, oversubscribe: bool = False, max_retries: int = 1,
                  actor_options: dict[str, Any] | None = None, init_kwargs: dict[str, Any] | None = None):
         if address is not None and not isinstance(address, str):
             raise ValueError(f"address must be None, 'auto', 'ray://host:port' or 'host:port', got {address!r}.")
@@ -117,7 +118,8 @@ class RayExecutorFactory(MpExecutorFactory):
                            total_memory=1 << 60, available_memory=1 << 60, gpus=("0",) if gpus_per_worker else ())
         super().__init__(default_num_clients, max_fanout, server_device, client_devices, num_workers=num_workers,
                          threads_per_worker=cpus_per_worker, devices="gpu" if gpus_per_worker else "cpu",
-                         memory_per_worker=memory_per_worker, max_retries=max_retries, machine=stand_in)
+                         memory_per_worker=memory_per_worker, oversubscribe=oversubscribe, max_retries=max_retries,
+                         machine=stand_in)
         self._machine = None
 
         try:
@@ -174,7 +176,7 @@ def ray_executor_factory(address: str | None = None, default_num_clients: int = 
                          server_device: str | None = None, client_devices: Sequence[str] = (), *,
                          num_workers: int | None = None, cpus_per_worker: int | None = None,
                          gpus_per_worker: float = 0, memory_per_worker: int | str | None = None,
-                         max_retries: int = 1, actor_options: dict[str, Any] | None = None,
+                         oversubscribe: bool = False, max_retries: int = 1, actor_options: dict[str, Any] | None = None,
                          init_kwargs: dict[str, Any] | None = None) -> RayExecutorFactory:
     """The worker-pool execution stack on a Ray cluster: one actor per worker slot.
 
@@ -195,7 +197,9 @@ def ray_executor_factory(address: str | None = None, default_num_clients: int = 
         threads (default 1, or the cluster's CPUs shared among num_workers).
       gpus_per_worker: GPUs per actor (0: CPU only; 0.5: two actors share a
         GPU); Ray assigns them (CUDA_VISIBLE_DEVICES per actor).
-      memory_per_worker, max_retries: as for `mp_executor_factory`.
+      memory_per_worker, oversubscribe, max_retries: as for `mp_executor_factory`
+        (the memory bound is the cluster's memory; a num_workers beyond it is
+        refused when the first call plans the pool, before any actor starts).
       actor_options: extra `.options()` for the actors (e.g. `runtime_env`,
         `resources`, or `{'num_cpus': 0}` to place them without reserving CPUs).
       init_kwargs: extra `ray.init` arguments (e.g. `num_cpus` of the local
@@ -204,18 +208,8 @@ def ray_executor_factory(address: str | None = None, default_num_clients: int = 
     return RayExecutorFactory(
         address, default_num_clients, max_fanout, server_device, client_devices, num_workers=num_workers,
         cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker, memory_per_worker=memory_per_worker,
-        max_retries=max_retries, actor_options=actor_options, init_kwargs=init_kwargs,
+        oversubscribe=oversubscribe, max_retries=max_retries, actor_options=actor_options, init_kwargs=init_kwargs,
     )
 
 
-def set_ray_execution_context(address: str | None = None, **kwargs: Any):
-    """Sets a `ray_executor_factory(address, **kwargs)` as the default context."""
-    from mp_executors import context  # noqa: PLC0415
-
-    ctx = context.ExecutionContext(ray_executor_factory(address, **kwargs))
-    context._owned.append(ctx)  # closed at exit, like set_mp_execution_context's
-    return context.set_execution_context(ctx)
-
-
-__all__ = ["RayExecutorFactory", "cluster_machine", "init_local_ray", "ray_executor_factory",
-           "set_ray_execution_context"]
+__all__ = ["RayExecutorFactory", "cluster_machine", "init_local_ray", "ray_executor_factory"]

@@ -1,0 +1,25 @@
+"""The intrinsics' names (URIs): what the language writes into `Intrinsic` nodes
+and the executors dispatch on. The bottom of the language, so that both sides
+can import it.
+"""
+
+FEDERATED_VALUE_CLIENTS = "federated_value_at_clients"
+FEDERATED_VALUE_SERVER = "federated_value_at_server"
+FEDERATED_EVAL_CLIENTS = "federated_eval_at_clients"
+FEDERATED_EVAL_SERVER = "federated_eval_at_server"
+FEDERATED_BROADCAST = "federated_broadcast"
+FEDERATED_MAP = "federated_map"
+FEDERATED_MAP_ALL_EQUAL = "federated_map_all_equal"
+FEDERATED_APPLY = "federated_apply"
+FEDERATED_SUM = "federated_sum"
+FEDERATED_MEAN = "federated_mean"
+FEDERATED_WEIGHTED_MEAN = "federated_weighted_mean"
+FEDERATED_AGGREGATE = "federated_aggregate"
+FEDERATED_ZIP_CLIENTS = "federated_zip_at_clients"
+FEDERATED_ZIP_SERVER = "federated_zip_at_server"
+FEDERATED_MIN = "federated_min"
+FEDERATED_MAX = "federated_max"
+FEDERATED_SELECT_MEMBER = "federated_select_member"
+SEQUENCE_MAP = "sequence_map"
+SEQUENCE_REDUCE = "sequence_reduce"
+SEQUENCE_SUM = "sequence_sum"
