@@ -26,36 +26,100 @@ folds the partials of all shards in client order (`merge_partials`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import threading
 from typing import Any
 
 import numpy as np
 
 from mp_executors._tf import tf
 from mp_executors.core import building_blocks as bb
-from mp_executors.core import structure
+from mp_executors.core import structure, values
 from mp_executors.core import tensorflow_computation as tfc
 from mp_executors.core import types as t
 from mp_executors.core.client_data import ClientData
 from mp_executors.core.structure import Struct
 from mp_executors.errors import with_client_context
+from mp_executors.executors import shard_requests as rq
 from mp_executors.executors.eager_tf_executor import EagerTFExecutor, call_function
 from mp_executors.executors.executor_base import run_sync
+from mp_executors.executors.reduction_blocks import BLOCK_SIZE
 from mp_executors.executors.reference_resolving_executor import ReferenceResolvingExecutor
 
-#: Consecutive clients reduced together before partials are merged. Results do
-#: not depend on the number of shards or workers because every shard boundary
-#: is a multiple of this (see `resources.split_clients`).
-BLOCK_SIZE = 8
+# --------------------------------------------------------------------------- ClientData cache
 
-#: Client data built from `ClientData` descriptions, stacked in columns, by
-#: description key and client range: it stays resident across calls (and
-#: across the executors a worker hosts), so a simulation's data is built and
-#: stacked once per process. The least recently used entries beyond
-#: `CLIENT_DATA_CACHE_ENTRIES` are dropped (a fresh ClientData per round, as
-#: with client sampling, would otherwise grow it without bound).
-CLIENT_DATA_CACHE_ENTRIES = 4
-_CLIENT_DATA_CACHE: dict[str, list] = {}
+
+class ClientDataCache:
+    """Client data built from `ClientData` descriptions, stacked in columns; a bounded LRU.
+
+    Keyed by (description key, first client, end): the columns of one shard's
+    range of one description. They stay resident across calls (and across the
+    executors that share the cache), so a simulation's data is built and
+    stacked once. Owners: a worker process's `workers.worker.Worker` (for the
+    shards of every executor that worker hosts) and the local factory (one
+    cache for all its `InProcessShard`s); it lives as long as its owner.
+
+    The bound is per shard: at most `entries_per_shard` x (shards attached)
+    entries, least recently used dropped first. A call over N shards puts N
+    entries per description, so the bound keeps the last `entries_per_shard`
+    descriptions whatever N is (a fixed entry count smaller than N would
+    rebuild every client on every call); a fresh ClientData per round (client
+    sampling) cannot grow it without bound.
+    """
+
+    def __init__(self, entries_per_shard: int = 4):
+        if not isinstance(entries_per_shard, int) or entries_per_shard < 1:
+            raise ValueError(f"entries_per_shard must be an int >= 1, got {entries_per_shard!r}.")
+        self.entries_per_shard = entries_per_shard
+        self._entries: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+        self._shards = 0
+        # Shards of calls made from several threads may share one cache.
+        self._lock = threading.Lock()
+
+    @property
+    def capacity(self) -> int:
+        return self.entries_per_shard * max(1, self._shards)
+
+    def attach(self) -> None:
+        """A shard starts using this cache (the bound grows by `entries_per_shard`)."""
+        with self._lock:
+            self._shards += 1
+
+    def detach(self) -> None:
+        """A shard was closed; entries beyond the smaller bound go (least recently used first)."""
+        with self._lock:
+            self._shards = max(0, self._shards - 1)
+            self._trim()
+
+    def get(self, key: tuple) -> list | None:
+        with self._lock:
+            columns = self._entries.get(key)
+            if columns is not None:
+                self._entries.move_to_end(key)
+            return columns
+
+    def put(self, key: tuple, columns: list) -> None:
+        with self._lock:
+            self._entries[key] = columns
+            self._entries.move_to_end(key)
+            self._trim()
+
+    def _trim(self) -> None:
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def keys(self) -> list[tuple]:
+        """Least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
 
 
 # --------------------------------------------------------------------------- columns
@@ -180,11 +244,14 @@ class ClientShard:
     """Holds the values of clients [start, stop) and runs per-shard intrinsics.
 
     Values are named by integer handles chosen by the parent, so a request
-    never waits for a reply to learn a name. Every public method is one
-    request: the parent sends one per shard per intrinsic.
+    never waits for a reply to learn a name. The parent sends one request
+    (`shard_requests`) per shard per intrinsic; `run` dispatches it through
+    `_HANDLERS`, an explicit table: nothing but those requests reaches a shard.
+    `client_data` is the cache of built `ClientData` columns this shard shares
+    with its owner's other shards (see `ClientDataCache`).
     """
 
-    def __init__(self, start: int, stop: int, device: str | None = None):
+    def __init__(self, start: int, stop: int, device: str | None, client_data: ClientDataCache):
         if start % BLOCK_SIZE:
             raise ValueError(f"a shard must start on a block boundary (multiple of {BLOCK_SIZE}), got {start}.")
         self.start, self.stop = start, stop
@@ -195,6 +262,25 @@ class ClientShard:
         self.location = ""
         self._leaf_stack = ReferenceResolvingExecutor(EagerTFExecutor(device))
         self._batched_fns: dict[tuple, Any] = {}
+        self._client_data = client_data
+        client_data.attach()
+        self._closed = False
+
+    def run(self, request: rq.ShardRequest) -> Any:
+        """Runs one request of the shard protocol; returns its reply (None for an acknowledgement)."""
+        try:
+            handler = _HANDLERS[type(request)]
+        except KeyError:
+            raise TypeError(f"a shard cannot run {type(request).__name__}; expected one of "
+                            f"{', '.join(c.__name__ for c in _HANDLERS)}.") from None
+        return handler(self, request)
+
+    def close(self) -> None:
+        """Drops every value; the shard must not be used afterwards."""
+        self.values.clear()
+        if not self._closed:
+            self._closed = True
+            self._client_data.detach()
 
     # ------------------------------------------------------------------ storage
 
@@ -210,20 +296,15 @@ class ClientShard:
 
     def _client_data_columns(self, data: ClientData, member_type: t.Type) -> list:
         """The stacked columns of a ClientData shard: built once, then reused as they are."""
-        from mp_executors.core import values  # noqa: PLC0415
-
-        columns = _CLIENT_DATA_CACHE.get(data.key)
+        key = (data.key, self.start, self.stop)
+        columns = self._client_data.get(key)
         if columns is None:
             reps = []
             for i in range(len(data)):
                 path = f"ClientData client {data.client_ids[i]!r}"
                 reps.append(values.to_representation(data.build(i), member_type, path))
             columns = columns_from_clients(member_type, reps)
-            _CLIENT_DATA_CACHE[data.key] = columns
-            while len(_CLIENT_DATA_CACHE) > CLIENT_DATA_CACHE_ENTRIES:
-                _CLIENT_DATA_CACHE.pop(next(iter(_CLIENT_DATA_CACHE)))
-        else:
-            _CLIENT_DATA_CACHE[data.key] = _CLIENT_DATA_CACHE.pop(data.key)  # most recently used
+            self._client_data.put(key, columns)
         if columns and len(data) != self.size:
             raise ValueError(f"shard [{self.start},{self.stop}) got ClientData for {len(data)} clients.")
         return columns
@@ -249,9 +330,6 @@ class ClientShard:
     def release(self, handles: list[int]) -> None:
         for h in handles:
             self.values.pop(h, None)
-
-    def clear(self) -> None:
-        self.values.clear()
 
     # ------------------------------------------------------------------ structure
 
@@ -380,6 +458,22 @@ class ClientShard:
                 )
             partials.append(acc)
         return partials
+
+
+#: The shard protocol: request type -> how a shard runs it.
+_HANDLERS: dict[type, Any] = {
+    rq.Put: lambda s, r: s.put(r.handle, r.member_type, r.clients),
+    rq.PutColumns: lambda s, r: s.put_columns(r.handle, r.member_type, r.columns),
+    rq.PutAllEqual: lambda s, r: s.put_all_equal(r.handle, r.member_type, r.rep),
+    rq.Get: lambda s, r: s.get(r.handle),
+    rq.GetFirst: lambda s, r: s.get_first(r.handle),
+    rq.Zip: lambda s, r: s.zip(r.handle, r.parts, r.container),
+    rq.Select: lambda s, r: s.select(r.handle, r.source, r.index),
+    rq.Eval: lambda s, r: s.eval(r.handle, r.fn),
+    rq.Map: lambda s, r: s.map(r.handle, r.fn, r.source),
+    rq.Reduce: lambda s, r: s.reduce(r.op, r.handle, r.weight),
+    rq.Aggregate: lambda s, r: s.aggregate(r.handle, r.zero, r.accumulate),
+}
 
 
 # --------------------------------------------------------------------------- helpers

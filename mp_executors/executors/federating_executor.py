@@ -13,9 +13,15 @@ holds a handle, and each intrinsic is ONE request per shard:
                    them in client order (`client_shard.merge_partials`)
     compute()      the only time client values travel back to the parent
 
-The shards are given as `ShardTarget`s: anything with `start`, `stop` and an
-async `call(releases, method, *args)`; `InProcessShard` here, the worker
-pool's proxies in `mp_executors.workers`.
+Each request is one of the named types of `shard_requests` (Put, Map,
+Reduce, ...). The shards are given as `ShardTarget`s (the protocol below):
+`InProcessShard` here, the worker pool's `RemoteShard` proxies in
+`mp_executors.workers`. An intrinsic's requests are prepared for every shard
+(which may set resources aside, e.g. shared memory) and then sent, with no
+await in between; whatever was prepared for a request that is not sent (bad
+input, an exception, Ctrl-C) is given back at once, and whatever a sent
+request holds is given back by its shard when it completes. Intrinsics are
+dispatched through an explicit table (`_INTRINSICS`).
 """
 
 from __future__ import annotations
@@ -23,57 +29,79 @@ from __future__ import annotations
 import asyncio
 import itertools
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import numpy as np
 
 from mp_executors.core import building_blocks as bb
-from mp_executors.core import intrinsics as ins
-from mp_executors.core import structure
+from mp_executors.core import structure, type_inference, uris, values
 from mp_executors.core import types as t
 from mp_executors.core.client_data import ClientData
 from mp_executors.core.structure import Struct
-from mp_executors.executors.client_shard import ClientShard, merge_partials
+from mp_executors.executors import shard_requests as rq
+from mp_executors.executors.client_shard import ClientDataCache, ClientShard, merge_partials
 from mp_executors.executors.eager_tf_executor import EagerTFExecutor, EagerValue
 from mp_executors.executors.executor_base import Executor, ExecutorValue, element_items
 from mp_executors.executors.reference_resolving_executor import ReferenceResolvingExecutor
 
 
 class ShardTarget(Protocol):
+    """Where a FederatingExecutor's CLIENTS values of clients [start, stop) live."""
+
     start: int
     stop: int
 
-    def prepare(self, method: str, args: tuple) -> tuple[str, tuple]:
-        """Turns a request into what `call` sends; raises on what cannot be sent."""
+    def prepare(self, request: rq.ShardRequest) -> rq.ShardRequest:
+        """Turns a request into what `send` sends; raises on what cannot be sent.
 
-    def discard_prepared(self) -> None:
-        """Drops what `prepare` set aside for requests that will not be sent."""
+        May set resources aside for it (shared memory): `send` or `discard`
+        gives them back.
+        """
 
-    async def call(self, releases: list[int], method: str, *args: Any) -> Any: ...
+    def discard(self, request: rq.ShardRequest) -> None:
+        """Gives back what `prepare` set aside for `request`, which will not be sent."""
+
+    def send(self, releases: tuple[int, ...], request: rq.ShardRequest) -> Awaitable[Any]:
+        """Sends `request` now (first dropping the `releases` handles); the reply is awaited later.
+
+        Cancelling the awaitable abandons the reply, not the request.
+        """
 
     def close(self) -> None: ...
 
 
 class InProcessShard:
-    """A ClientShard in this process (the local stack's shard target)."""
+    """A ClientShard in this process (the local stack's shard target).
 
-    def __init__(self, start: int, stop: int, device: str | None = None):
+    `client_data` is the ClientData cache its owner (the local factory)
+    shares among all its shards; without one, the shard has its own.
+    """
+
+    def __init__(self, start: int, stop: int, device: str | None = None,
+                 client_data: ClientDataCache | None = None):
         self.start, self.stop = start, stop
-        self.shard = ClientShard(start, stop, device)
+        self.shard = ClientShard(start, stop, device, client_data if client_data is not None else ClientDataCache())
 
-    def prepare(self, method: str, args: tuple) -> tuple[str, tuple]:
-        return method, args
+    def prepare(self, request: rq.ShardRequest) -> rq.ShardRequest:
+        return request
 
-    def discard_prepared(self) -> None:
+    def discard(self, request: rq.ShardRequest) -> None:
         pass
 
-    async def call(self, releases: list[int], method: str, *args: Any) -> Any:
-        if releases:
-            self.shard.release(releases)
-        return getattr(self.shard, method)(*args)
+    def send(self, releases: tuple[int, ...], request: rq.ShardRequest) -> asyncio.Future:
+        # The work runs now, on the caller's thread (as the tasks of a gather would).
+        reply = asyncio.get_running_loop().create_future()
+        try:
+            if releases:
+                self.shard.release(releases)
+            reply.set_result(self.shard.run(request))
+        except Exception as e:  # noqa: BLE001 - the reply carries it, as a worker's would
+            reply.set_exception(e)
+        return reply
 
     def close(self) -> None:
-        self.shard.clear()
+        self.shard.close()
 
 
 class FederatedValue(ExecutorValue):
@@ -129,8 +157,10 @@ class FederatingExecutor(Executor):
 
     # ------------------------------------------------------------------ shard plumbing
 
-    async def _each(self, method: str, *args: Any, per_shard=None, wait: bool = True) -> list[Any] | None:
-        """One request per shard, concurrently; `per_shard(shard)` gives its args.
+    async def _each(self, request: rq.ShardRequest | None = None, *,
+                    per_shard: Callable[[ShardTarget], rq.ShardRequest] | None = None,
+                    wait: bool = True) -> list[Any] | None:
+        """One request per shard, concurrently; `per_shard(shard)` gives a shard's own request.
 
         With `wait=False` (requests whose reply is only an acknowledgement:
         put, broadcast, map, zip, ...) the requests are sent and not awaited:
@@ -148,21 +178,34 @@ class FederatingExecutor(Executor):
                 "CLIENTS argument with one value per client, or set default_num_clients on the factory."
             )
         # Prepare every shard's request first (this may refuse bad input, e.g. a
-        # dataset that cannot leave this process), so nothing is sent unless all can be.
-        requests = []
-        try:
-            for s in self._shards:
-                requests.append(s.prepare(method, per_shard(s) if per_shard else args))
-        except BaseException:
-            for s in self._shards:
-                s.discard_prepared()
-            raise
+        # dataset that cannot leave this process), so nothing is sent unless all
+        # can be; then send them all. There is no await from the first prepare to
+        # the last send, so a cancellation cannot land in between; an exception
+        # (or a Ctrl-C on this thread) can, and then what was prepared for the
+        # requests not sent is given back here.
         # A tuple: handles freed from now on go to the next request, never into this one.
         releases, self._pending_release = tuple(self._pending_release), []
-        calls = [s.call(releases, m, *a) for s, (m, a) in zip(self._shards, requests)]
-        gathered = asyncio.gather(*calls, return_exceptions=True)
+        prepared: list[rq.ShardRequest] = []
+        replies: list[Awaitable[Any]] = []
+        try:
+            for s in self._shards:
+                prepared.append(s.prepare(per_shard(s) if per_shard else request))
+            for s, r in zip(self._shards, prepared):
+                replies.append(s.send(releases, r))
+        except BaseException:
+            unsent = len(replies)
+            for s, r in zip(self._shards[unsent:], prepared[unsent:]):
+                s.discard(r)
+            # Releasing twice is harmless, never releasing leaks: the shards this
+            # request did not reach get these handles with the next one.
+            self._pending_release[:0] = releases
+            for reply in replies:  # sent: their outcome no longer matters
+                if isinstance(reply, asyncio.Future):
+                    reply.cancel()
+            raise
+        gathered = asyncio.gather(*replies, return_exceptions=True)
         if not wait:
-            self._inflight.append(asyncio.ensure_future(gathered))
+            self._inflight.append(gathered)
             return None
         return _first_error_or(await gathered)
 
@@ -183,8 +226,8 @@ class FederatingExecutor(Executor):
 
     async def _gather(self, value: FederatedValue) -> Any:
         if value.type_signature.all_equal:
-            return (await self._shards[0].call([], "get_first", value.payload))
-        parts = await self._each("get", value.payload)
+            return await self._shards[0].send((), rq.GetFirst(value.payload))
+        parts = await self._each(rq.Get(value.payload))
         return [v for part in parts for v in part]
 
     def _eager(self, rep: Any, type_spec: t.Type) -> FederatedValue:
@@ -214,9 +257,7 @@ class FederatingExecutor(Executor):
             return FederatedValue(value.type_signature, "function", value, self)
         if isinstance(value, bb.PlacementLiteral):
             return FederatedValue(value.type_signature, "function", value, self)
-        from mp_executors.core import values  # noqa: PLC0415
-
-        type_spec = values.infer_type(value) if type_spec is None else t.to_type(type_spec)
+        type_spec = type_inference.infer_type(value) if type_spec is None else t.to_type(type_spec)
         if isinstance(type_spec, t.FederatedType):
             return await self._place(value, type_spec)
         if isinstance(type_spec, t.StructType) and t.is_federated(type_spec):
@@ -232,10 +273,8 @@ class FederatingExecutor(Executor):
             return FederatedValue(type_spec, "eager", eager, self)
         handle = next(self._handles)
         if type_spec.all_equal:
-            from mp_executors.core import values  # noqa: PLC0415
-
             rep = values.to_representation(value, type_spec.member, "value")
-            await self._each("put_all_equal", handle, type_spec.member, rep, wait=False)
+            await self._each(rq.PutAllEqual(handle, type_spec.member, rep), wait=False)
             return self._new_clients(type_spec.member, True, handle)
         if len(value) != self._num_clients:
             raise ValueError(
@@ -243,12 +282,12 @@ class FederatingExecutor(Executor):
                 f"{self._num_clients}; every CLIENTS value of one call must have the same number of clients."
             )
 
-        def part(shard):
+        def part(shard: ShardTarget) -> rq.Put:
             if isinstance(value, ClientData):
-                return (handle, type_spec.member, value.subset(shard.start, shard.stop))
-            return (handle, type_spec.member, list(value[shard.start : shard.stop]))
+                return rq.Put(handle, type_spec.member, value.subset(shard.start, shard.stop))
+            return rq.Put(handle, type_spec.member, list(value[shard.start : shard.stop]))
 
-        await self._each("put", per_shard=part, wait=False)
+        await self._each(per_shard=part, wait=False)
         return self._new_clients(type_spec.member, False, handle)
 
     async def create_struct(self, elements: Any) -> FederatedValue:
@@ -269,16 +308,23 @@ class FederatingExecutor(Executor):
             raise TypeError(f"cannot call a value of type {comp.type_signature}.")
         fn = comp.payload
         if isinstance(fn, bb.Intrinsic):
-            handler = getattr(self, "_" + fn.uri, None)
+            handler = _INTRINSICS.get(fn.uri)
             if handler is None:
-                if fn.uri.startswith("sequence_"):
-                    eager = await self._server.create_call(await self._server.create_value(fn), await self._to_eager(arg))
-                    return FederatedValue(fn.type_signature.result, "eager", eager, self)
-                raise NotImplementedError(f"intrinsic {fn.uri} is not implemented.")
+                raise NotImplementedError(
+                    f"intrinsic {fn.uri!r} is not implemented by the FederatingExecutor "
+                    f"(it implements: {', '.join(sorted(_INTRINSICS))})."
+                )
+            if handler is _SEQUENCE:
+                return await self._sequence_intrinsic(fn, arg)
             operands = [arg] if fn.type_signature.parameter is None or not _is_operand_struct(fn) else [v for _, v in arg.payload]
-            return await handler(fn.type_signature, *operands)
+            return await handler(self, fn.type_signature, *operands)
         rep = await self._apply(fn, None if arg is None else await self._rep(arg))
         return self._eager(rep, fn.type_signature.result)
+
+    async def _sequence_intrinsic(self, fn: bb.Intrinsic, arg: FederatedValue) -> FederatedValue:
+        """sequence_* on unplaced sequences: the server's eager executor runs them."""
+        eager = await self._server.create_call(await self._server.create_value(fn), await self._to_eager(arg))
+        return FederatedValue(fn.type_signature.result, "eager", eager, self)
 
     async def _to_eager(self, value: FederatedValue) -> EagerValue:
         if value.kind == "eager":
@@ -299,7 +345,7 @@ class FederatingExecutor(Executor):
 
     async def _federated_value_at_clients(self, fn_type, value):
         handle = next(self._handles)
-        await self._each("put_all_equal", handle, value.type_signature, await self._rep(value), wait=False)
+        await self._each(rq.PutAllEqual(handle, value.type_signature, await self._rep(value)), wait=False)
         return self._new_clients(value.type_signature, True, handle)
 
     async def _federated_value_at_server(self, fn_type, value):
@@ -307,7 +353,7 @@ class FederatingExecutor(Executor):
 
     async def _federated_eval_at_clients(self, fn_type, fn):
         handle = next(self._handles)
-        await self._each("eval", handle, fn.payload, wait=False)
+        await self._each(rq.Eval(handle, fn.payload), wait=False)
         return self._new_clients(fn_type.result.member, False, handle)
 
     async def _federated_eval_at_server(self, fn_type, fn):
@@ -315,12 +361,12 @@ class FederatingExecutor(Executor):
 
     async def _federated_broadcast(self, fn_type, value):
         handle = next(self._handles)
-        await self._each("put_all_equal", handle, fn_type.result.member, await self._rep(value), wait=False)
+        await self._each(rq.PutAllEqual(handle, fn_type.result.member, await self._rep(value)), wait=False)
         return self._new_clients(fn_type.result.member, True, handle)
 
     async def _federated_map(self, fn_type, fn, value):
         handle = next(self._handles)
-        await self._each("map", handle, fn.payload, value.payload, wait=False)
+        await self._each(rq.Map(handle, fn.payload, value.payload), wait=False)
         return self._new_clients(fn_type.result.member, False, handle)
 
     async def _federated_apply(self, fn_type, fn, value):
@@ -330,8 +376,8 @@ class FederatingExecutor(Executor):
         handle = next(self._handles)
         if value.kind != "struct" or any(v.kind != "clients" for _, v in value.payload):
             raise TypeError(f"federated_zip expects a struct of CLIENTS values, got {value.type_signature}.")
-        parts = [(n, v.payload) for n, v in value.payload]
-        await self._each("zip", handle, parts, fn_type.result.member.container_type, wait=False)
+        parts = tuple((n, v.payload) for n, v in value.payload)
+        await self._each(rq.Zip(handle, parts, fn_type.result.member.container_type), wait=False)
         return self._new_clients(fn_type.result.member, fn_type.result.all_equal, handle)
 
     async def _federated_zip_at_server(self, fn_type, value):
@@ -341,12 +387,12 @@ class FederatingExecutor(Executor):
         i = int(await self._rep(index))
         if value.kind == "clients":
             handle = next(self._handles)
-            await self._each("select", handle, value.payload, i, wait=False)
+            await self._each(rq.Select(handle, value.payload, i), wait=False)
             return self._new_clients(fn_type.result.member, fn_type.result.all_equal, handle)
         return self._eager((await self._rep(value))[i], fn_type.result)
 
-    async def _reduce(self, op: str, value: FederatedValue, *extra) -> Any:
-        return await self._each("reduce", op, value.payload, *extra)
+    async def _reduce(self, op: str, value: FederatedValue, weight: int | None = None) -> Any:
+        return await self._each(rq.Reduce(op, value.payload, weight))
 
     async def _federated_sum(self, fn_type, value):
         return self._eager(merge_partials(await self._reduce("sum", value), np.add), fn_type.result)
@@ -371,12 +417,39 @@ class FederatingExecutor(Executor):
 
     async def _federated_aggregate(self, fn_type, value, zero, accumulate, merge, report):
         zero_rep = await self._rep(zero)
-        parts = await self._each("aggregate", value.payload, zero_rep, accumulate.payload)
+        parts = await self._each(rq.Aggregate(value.payload, zero_rep, accumulate.payload))
         partials = [p for part in parts for p in part]
         acc = partials[0]
         for partial in partials[1:]:
             acc = await self._apply(merge.payload, Struct.unnamed(acc, partial))
         return self._eager(await self._apply(report.payload, acc), fn_type.result)
+
+
+#: Marks the sequence_* intrinsics in `_INTRINSICS`: run by the server's executor.
+_SEQUENCE = object()
+
+#: The intrinsics this executor implements: uri -> handler(executor, fn_type, *operands).
+_INTRINSICS: dict[str, Any] = {
+    uris.FEDERATED_VALUE_CLIENTS: FederatingExecutor._federated_value_at_clients,
+    uris.FEDERATED_VALUE_SERVER: FederatingExecutor._federated_value_at_server,
+    uris.FEDERATED_EVAL_CLIENTS: FederatingExecutor._federated_eval_at_clients,
+    uris.FEDERATED_EVAL_SERVER: FederatingExecutor._federated_eval_at_server,
+    uris.FEDERATED_BROADCAST: FederatingExecutor._federated_broadcast,
+    uris.FEDERATED_MAP: FederatingExecutor._federated_map,
+    uris.FEDERATED_APPLY: FederatingExecutor._federated_apply,
+    uris.FEDERATED_ZIP_CLIENTS: FederatingExecutor._federated_zip_at_clients,
+    uris.FEDERATED_ZIP_SERVER: FederatingExecutor._federated_zip_at_server,
+    uris.FEDERATED_SELECT_MEMBER: FederatingExecutor._federated_select_member,
+    uris.FEDERATED_SUM: FederatingExecutor._federated_sum,
+    uris.FEDERATED_MIN: FederatingExecutor._federated_min,
+    uris.FEDERATED_MAX: FederatingExecutor._federated_max,
+    uris.FEDERATED_MEAN: FederatingExecutor._federated_mean,
+    uris.FEDERATED_WEIGHTED_MEAN: FederatingExecutor._federated_weighted_mean,
+    uris.FEDERATED_AGGREGATE: FederatingExecutor._federated_aggregate,
+    uris.SEQUENCE_MAP: _SEQUENCE,
+    uris.SEQUENCE_REDUCE: _SEQUENCE,
+    uris.SEQUENCE_SUM: _SEQUENCE,
+}
 
 
 def _first_error_or(results: list[Any]) -> list[Any]:
@@ -391,10 +464,10 @@ def _first_error_or(results: list[Any]) -> list[Any]:
 def _is_operand_struct(fn: bb.Intrinsic) -> bool:
     """Intrinsics with several operands receive them as an unnamed struct."""
     return fn.uri not in (
-        ins.FEDERATED_VALUE_CLIENTS, ins.FEDERATED_VALUE_SERVER, ins.FEDERATED_EVAL_CLIENTS,
-        ins.FEDERATED_EVAL_SERVER, ins.FEDERATED_BROADCAST, ins.FEDERATED_ZIP_CLIENTS,
-        ins.FEDERATED_ZIP_SERVER, ins.FEDERATED_SUM, ins.FEDERATED_MEAN, ins.FEDERATED_MIN,
-        ins.FEDERATED_MAX,
+        uris.FEDERATED_VALUE_CLIENTS, uris.FEDERATED_VALUE_SERVER, uris.FEDERATED_EVAL_CLIENTS,
+        uris.FEDERATED_EVAL_SERVER, uris.FEDERATED_BROADCAST, uris.FEDERATED_ZIP_CLIENTS,
+        uris.FEDERATED_ZIP_SERVER, uris.FEDERATED_SUM, uris.FEDERATED_MEAN, uris.FEDERATED_MIN,
+        uris.FEDERATED_MAX,
     )
 
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from mp_executors.executors.client_shard import BLOCK_SIZE
+from mp_executors.executors.client_shard import ClientDataCache
 from mp_executors.executors.eager_tf_executor import EagerTFExecutor
 from mp_executors.executors.federating_executor import FederatingExecutor, InProcessShard
+from mp_executors.executors.reduction_blocks import BLOCK_SIZE, split_clients
 from mp_executors.executors.reference_resolving_executor import ReferenceResolvingExecutor
 from mp_executors.factories.base import CachingExecutorFactory
-from mp_executors.resources import split_clients
 
 
 def check_common_arguments(max_fanout: int, server_device, client_devices) -> None:
@@ -40,6 +40,8 @@ class LocalExecutorFactory(CachingExecutorFactory):
         self.max_fanout = max_fanout
         self.server_device = server_device
         self.client_devices = tuple(client_devices)
+        # One cache of built ClientData columns for all shards of all executors this factory builds.
+        self.client_data = ClientDataCache()
 
     def _build(self, num_clients: int) -> ReferenceResolvingExecutor:
         shards = []
@@ -47,7 +49,7 @@ class LocalExecutorFactory(CachingExecutorFactory):
             groups = -(-num_clients // self.max_fanout)
             devices = self.client_devices or (None,)
             shards = [
-                InProcessShard(a, b, devices[i % len(devices)])
+                InProcessShard(a, b, devices[i % len(devices)], self.client_data)
                 for i, (a, b) in enumerate(split_clients(num_clients, groups, BLOCK_SIZE))
             ]
         federating = FederatingExecutor(EagerTFExecutor(self.server_device), shards, num_clients)

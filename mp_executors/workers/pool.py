@@ -21,14 +21,29 @@ The moving parts:
 - `WorkerPool` owns the slots. Each slot is its own single-process loky
   executor, so a request reaches exactly the worker that holds its values,
   each worker gets its own environment before Python starts (CPU set, thread
-  counts, CUDA_VISIBLE_DEVICES; `resources.WorkerSlot.env`), and a crash kills
+  counts, CUDA_VISIBLE_DEVICES; `planning.WorkerSlot.env`), and a crash kills
   only that slot. Workers import TensorFlow once (`worker.initialize`) and
-  stay warm across calls; the pool grows and shrinks with `resize`.
+  stay warm across calls; the pool grows with `fit` and shrinks with
+  `detach_idle`.
 - `RemoteShard` is the parent's proxy for one `ClientShard` in one worker:
   it implements the `ShardTarget` protocol of the FederatingExecutor, so the
   federating layer is the same code for the in-process and the pooled stack.
   It counts its round trips (`WorkerPool.requests`), which is how the tests
   check that messages are per worker, not per client.
+- Ownership under concurrent calls. The factory owns the pool, and the pool
+  uses the factory's one lock for its slot table and each slot's `holds`.
+  A call that leases an executor holds the slots its shards live in until it
+  returns (`hold`/`unhold`); a slot is also busy while any request is in
+  flight in it (`SlotUse`: counted from submit to the future's done-callback,
+  which also starts the slot's idle clock, so idleness counts from the END
+  of the last request). Nothing stops a held or busy slot: idle shrink
+  (`detach_idle`) skips it, and a re-plan (`fit`) that would replace it
+  (other CPUs or threads) reuses it as it is and replaces it at a later fit,
+  once free; growing never touches running slots. Only a dead slot is
+  replaced under a call (that call fails with WorkerCrashedError and is
+  retried), and `interrupt` stops only the slots the factory names (the
+  interrupted call's). `fit` and `resize` are called by one thread at a time
+  (the factory's builder) and start or stop workers outside the lock.
 - Shutdown: `WorkerPool.close()` (the factory's `close()`, atexit, Ctrl-C)
   kills and joins every worker. A worker whose parent dies (even by SIGKILL)
   exits by itself within about a second: loky workers would block on their
@@ -53,8 +68,10 @@ import loky.backend
 import psutil
 from loky.process_executor import BrokenProcessPool, ShutdownExecutorError
 
+from mp_executors.core.client_data import ClientData
 from mp_executors.errors import WorkerCrashedError
-from mp_executors.resources import PoolPlan, WorkerSlot
+from mp_executors.executors import shard_requests as rq
+from mp_executors.planning import PoolPlan, WorkerSlot
 from mp_executors.workers import transport, worker
 
 logger = logging.getLogger("mp_executors")
@@ -64,14 +81,62 @@ logger = logging.getLogger("mp_executors")
 _NO_LEAK_RESTART = str(1 << 50)
 
 
-class WorkerSlotProcess:
+class SlotUse:
+    """What the pool tracks of one slot's use, whatever runs the slot (loky process, Ray actor).
+
+    - `inflight`: requests submitted and not finished. Counted by `_track`,
+      under the slot's own small lock (`_use_lock`), because a request ends
+      on the executor's result thread; that lock is never held while
+      anything else is done, so it cannot deadlock with the factory lock.
+    - `last_used`: when the last request FINISHED (its future's
+      done-callback), the idle-shrink clock. A request sent long ago and
+      still running keeps the slot busy, never idle.
+    - `holds`: how many running calls (leases) use this slot; guarded by the
+      factory's lock (the pool's `_lock`).
+    - `retired`: taken out of the pool's table (stopped or being stopped):
+      no executor whose shards live in it may be handed out again.
+    """
+
+    def _init_use(self) -> None:
+        self._use_lock = threading.Lock()
+        self.inflight = 0
+        self.last_used = time.monotonic()
+        self.holds = 0
+        self.retired = False
+        self.broken = False
+
+    def _track(self, future: Any) -> None:
+        """Counts `future` as in flight until it is done (call `_begin` before submitting)."""
+        future.add_done_callback(self._end)
+
+    def _begin(self) -> None:
+        with self._use_lock:
+            self.inflight += 1
+
+    def _end(self, _future: Any = None) -> None:
+        with self._use_lock:
+            self.inflight -= 1
+            self.last_used = time.monotonic()
+
+    @property
+    def busy(self) -> bool:
+        """A request is in flight in this slot's worker."""
+        return self.inflight > 0
+
+    @property
+    def in_use(self) -> bool:
+        """Held by a running call or busy: the pool must not stop or replace it."""
+        return bool(self.holds) or self.busy
+
+
+class WorkerSlotProcess(SlotUse):
     """One slot: a single-process loky executor, pinned as its `WorkerSlot` says.
 
     The pool needs of a slot only what this class offers: `submit(fn, *args)`
     returning a concurrent future, `pids()`, `exitcode()`, `kill()`,
-    `shutdown()`, the attributes below, and `crash_errors` (the exceptions
-    by which a future reports that the worker died). Another engine's
-    workers (e.g. Ray actors) plug in by providing the same.
+    `shutdown()`, the attributes below, `crash_errors` (the exceptions by
+    which a future reports that the worker died) and `SlotUse`'s bookkeeping.
+    Another engine's workers (e.g. Ray actors) plug in by providing the same.
     """
 
     crash_errors: tuple[type[BaseException], ...] = (BrokenProcessPool, ShutdownExecutorError)
@@ -92,15 +157,17 @@ class WorkerSlotProcess:
         # Digests of the compiled computations this worker process has received.
         self.known_functions: set[str] = set()
         self.process = None  # the loky process, known once the worker has started
-        self.broken = False
         self.last_rss: int | None = None
-        self.pending: set[Any] = set()  # concurrent futures not yet done
-        self.last_used = time.monotonic()
+        self._init_use()
 
     def submit(self, fn, *args) -> Any:
-        future = self.executor.submit(fn, *args)
-        self.pending.add(future)
-        future.add_done_callback(self.pending.discard)
+        self._begin()  # busy from before the request leaves, until its reply is in
+        try:
+            future = self.executor.submit(fn, *args)
+        except BaseException:
+            self._end()
+            raise
+        self._track(future)
         if self.process is None:
             processes = list((getattr(self.executor, "_processes", None) or {}).values())
             self.process = processes[0] if processes else None
@@ -135,17 +202,25 @@ class WorkerSlotProcess:
 
 
 class WorkerPool:
-    """Owns the worker processes; see the module docstring."""
+    """Owns the worker processes; see the module docstring.
 
-    def __init__(self, start_method: str | None = None):
+    `lock` is the owning factory's lock (one lock per factory): it guards the
+    slot table (`_slots`), `plan`, and each slot's `holds` and `retired`.
+    Methods that change the table's shape (`fit`, `resize`) are called by
+    one thread at a time (the factory's builder); they take the lock only to
+    read and change the table, and start or stop workers without it.
+    """
+
+    def __init__(self, start_method: str | None = None, lock: threading.RLock | None = None):
         self.start_method = start_method or "loky"
         if self.start_method not in ("loky", "spawn", "loky_init_main"):
             raise ValueError(
                 f"start_method must be 'loky' (default) or 'spawn', got {start_method!r}; "
                 "fork is unsafe with TensorFlow threads."
             )
-        self._slots: list[WorkerSlotProcess] = []
-        self._lock = threading.Lock()
+        # Slot i at index i; None while its worker is being started by `fit`.
+        self._slots: list[WorkerSlotProcess | None] = []
+        self._lock = lock if lock is not None else threading.RLock()
         self._shard_ids = itertools.count(1)
         self.requests = 0
         self.plan: PoolPlan | None = None
@@ -157,120 +232,184 @@ class WorkerPool:
     def size(self) -> int:
         return len(self._slots)
 
+    @property
+    def slots(self) -> list[WorkerSlotProcess]:
+        """The running slots, in index order (a snapshot)."""
+        with self._lock:
+            return [s for s in self._slots if s is not None]
+
     #: How many times a slot whose worker dies while starting is started again.
     START_ATTEMPTS = 3
 
-    def resize(self, plan: PoolPlan) -> None:
-        """Makes the pool match `plan`: keeps warm, healthy workers whose slot is unchanged."""
-        with self._lock:
-            wanted = list(plan.slots)
-            keep: list[WorkerSlotProcess | None] = []
-            for i, slot in enumerate(wanted):
-                current = self._slots[i] if i < len(self._slots) else None
-                if current is not None and current.slot == slot and not current.broken:
-                    keep.append(current)
-                else:
-                    if current is not None:
-                        current.shutdown()
-                    keep.append(None)
-            for extra in self._slots[len(wanted):]:
-                extra.shutdown()
-            self._slots = keep  # type: ignore[assignment]
-            self.plan = plan
-            self.memory_share = plan.machine.available_memory // max(1, plan.num_workers)
-            started = time.perf_counter()
-            new = [i for i, s in enumerate(keep) if s is None]
-            self._start_slots(new, wanted)
-        self._ensure_monitor()
-        if new:
-            logger.info(
-                "mp_executors: started %d worker(s) in %.1f s; pool now has %d: %s",
-                len(new), time.perf_counter() - started, len(self._slots),
-                "; ".join(f"slot {s.slot.index} cpus={list(s.slot.cpus)} gpu={s.slot.gpu}" for s in self._slots),
-            )
-
-    #: A worker beyond what the current call needs is kept warm this long after
-    #: its last request: alternating between many and few clients (training on a
-    #: sample, evaluating on all) must not restart workers every call.
-    idle_shrink_seconds = 60.0
-
-    def fit(self, plan: PoolPlan) -> bool:
+    def fit(self, plan: PoolPlan) -> list[WorkerSlotProcess]:
         """Makes the pool serve `plan`, keeping warm workers where it can.
 
         Grows by starting the missing slots (extra running workers are kept:
-        see `shrink_idle`); a plan whose slots differ from the running ones
-        (other CPUs, threads or GPU) resizes. Returns True when a running worker
-        was stopped or replaced, i.e. when executors built earlier are stale.
+        see `detach_idle`). A running slot that differs from the plan (other
+        CPUs, threads or GPU) is replaced, unless a call holds it or a
+        request runs in it: then it is reused as it is (any healthy worker
+        computes the same bits; only its placement differs) and replaced by
+        a later `fit` once it is free. A dead slot is always replaced.
+        Returns the slots that were stopped: executors whose shards lived in
+        them are stale (none of them is leased: their slots were not held).
         """
-        running = [s.slot for s in self._slots]
         wanted = list(plan.slots)
-        common = min(len(running), len(wanted))
-        if self.has_broken() or running[:common] != wanted[:common]:
-            stale = bool(self._slots)
-            if stale:
-                logger.info("mp_executors: re-planning the pool: %d -> %d workers", len(running), len(wanted))
-            self.resize(plan)
-            return stale
-        if len(wanted) > len(running):
-            logger.info("mp_executors: growing the pool from %d to %d workers", len(running), len(wanted))
-            self.resize(plan)
-            return False
-        return False
+        with self._lock:
+            table = self._slots
+            start: list[int] = []
+            stopped: list[WorkerSlotProcess] = []
+            reused: list[int] = []
+            for i, slot in enumerate(wanted):
+                current = table[i] if i < len(table) else None
+                if current is not None and not current.broken and (current.slot == slot or current.in_use):
+                    if current.slot != slot:
+                        reused.append(i)
+                    continue
+                if i < len(table):
+                    if current is not None:
+                        current.retired = True
+                        stopped.append(current)
+                    table[i] = None
+                else:
+                    table.append(None)
+                start.append(i)
+            running = sum(1 for s in table if s is not None)
+            self.plan = plan
+            self.memory_share = plan.machine.available_memory // max(1, plan.num_workers)
+        if reused:
+            logger.info("mp_executors: worker slot(s) %s differ from the new plan but a running call uses "
+                        "them: kept as they are until they are free", reused)
+        if stopped:
+            logger.info("mp_executors: re-planning the pool: stopping worker slot(s) %s",
+                        [s.slot.index for s in stopped])
+        elif start:
+            logger.info("mp_executors: growing the pool from %d to %d workers", running, running + len(start))
+        for slot in stopped:
+            slot.shutdown()  # before its successor starts on the same CPUs
+        if start:
+            self._install(start, wanted)
+        return stopped
 
-    def shrink_idle(self, needed: int) -> bool:
-        """Stops the workers beyond the first `needed` that have been idle long enough.
+    def resize(self, plan: PoolPlan) -> list[WorkerSlotProcess]:
+        """`fit`, then also stops the workers beyond the plan that nothing uses (or that are dead)."""
+        stopped = self.fit(plan)
+        extra = self._detach_tail(len(plan.slots), lambda s: s.broken or not s.in_use)
+        for slot in extra:
+            slot.shutdown()
+        return stopped + extra
 
-        Returns True when a worker was stopped (executors using it are stale).
+    def _install(self, indices: list[int], wanted: list[WorkerSlot]) -> None:
+        """Starts the workers of `indices` (their table entries are None) and puts them in place."""
+        started = time.perf_counter()
+        try:
+            new = self._start_slots([wanted[i] for i in indices])
+        except BaseException:
+            with self._lock:
+                # A hole left inside the table shifts the slots after it off their index:
+                # the next fit sees that they differ from the plan and replaces them.
+                self._slots = [s for s in self._slots if s is not None]
+            raise
+        with self._lock:
+            for i, slot in zip(indices, new):
+                self._slots[i] = slot
+            described = "; ".join(f"slot {s.slot.index} cpus={list(s.slot.cpus)} gpu={s.slot.gpu}"
+                                  for s in self._slots if s is not None)
+            size = len(self._slots)
+        self._ensure_monitor()
+        logger.info("mp_executors: started %d worker(s) in %.1f s; pool now has %d: %s",
+                    len(new), time.perf_counter() - started, size, described)
+
+    #: A worker beyond what the current call needs is kept warm this long after
+    #: its last request finished: alternating between many and few clients
+    #: (training on a sample, evaluating on all) must not restart workers every call.
+    idle_shrink_seconds = 60.0
+
+    def detach_idle(self, needed: int) -> list[WorkerSlotProcess]:
+        """Takes out of the pool the workers beyond the first `needed` that have been idle long enough.
+
+        Idle means: no call holds the slot, no request runs in it, and its
+        last request FINISHED `idle_shrink_seconds` ago or more (a dead
+        worker always goes). Only a contiguous tail goes (slots keep their
+        indices). The caller stops the returned slots (`shutdown`) once it
+        has released the lock; executors whose shards lived in them are stale.
         """
         now = time.monotonic()
-        keep = len(self._slots)
-        # Only a contiguous tail can go: slots keep their indices.
-        while keep > max(needed, 0) and now - self._slots[keep - 1].last_used >= self.idle_shrink_seconds:
-            keep -= 1
-        if keep == len(self._slots):
-            return False
-        logger.info("mp_executors: shrinking the pool from %d to %d workers (idle for %.0f s or more)",
-                    len(self._slots), keep, self.idle_shrink_seconds)
+        gone = self._detach_tail(
+            needed, lambda s: s.broken or (not s.in_use and now - s.last_used >= self.idle_shrink_seconds))
+        if gone:
+            logger.info("mp_executors: shrinking the pool to %d workers: slot(s) %s idle for %.0f s or more",
+                        self.size, [s.slot.index for s in gone], self.idle_shrink_seconds)
+        return gone
+
+    def _detach_tail(self, needed: int, can_go: Any) -> list[WorkerSlotProcess]:
+        """Takes out the longest tail of slots beyond the first `needed` for which `can_go(slot)`."""
         with self._lock:
+            keep = len(self._slots)
+            while keep > max(needed, 0) and self._slots[keep - 1] is not None and can_go(self._slots[keep - 1]):
+                keep -= 1
             gone, self._slots = self._slots[keep:], self._slots[:keep]
-            if self.plan is not None:
+            for slot in gone:
+                slot.retired = True
+            if gone and self.plan is not None and keep < self.plan.num_workers:
                 self.plan = dataclasses.replace(self.plan, num_workers=keep, slots=self.plan.slots[:keep])
+            return gone  # type: ignore[return-value]
+
+    def shrink_idle(self, needed: int) -> bool:
+        """`detach_idle` and stop what it took out; True when a worker was stopped."""
+        gone = self.detach_idle(needed)
         for slot in gone:
             slot.shutdown()
-        return True
+        return bool(gone)
 
-    def _start_slots(self, indices: list[int], wanted: list[WorkerSlot]) -> None:
-        """Starts workers in parallel and waits until each has imported TensorFlow."""
+    def hold(self, slots: tuple[WorkerSlotProcess, ...]) -> None:
+        """A call starts using `slots` (until `unhold`): they are not stopped meanwhile."""
+        with self._lock:
+            for slot in slots:
+                slot.holds += 1
+
+    def unhold(self, slots: tuple[WorkerSlotProcess, ...]) -> None:
+        with self._lock:
+            for slot in slots:
+                slot.holds -= 1
+
+    def _start_slots(self, wanted: list[WorkerSlot]) -> list[WorkerSlotProcess]:
+        """Starts workers in parallel and waits until each has imported TensorFlow.
+
+        Does not touch the slot table (the caller installs what it returns).
+        """
+        slots: list[WorkerSlotProcess | None] = [None] * len(wanted)
+        indices = list(range(len(wanted)))
         for attempt in range(1, self.START_ATTEMPTS + 1):
             for i in indices:
-                self._slots[i] = self._new_slot(wanted[i])
-            futures = {i: self._slots[i].submit(worker.report) for i in indices}
+                slots[i] = self._new_slot(wanted[i])
+            futures = {i: slots[i].submit(worker.report) for i in indices}
             failed = []
             for i, future in futures.items():
                 try:
-                    self._slots[i].last_rss = future.result()["rss"]
-                except self._slots[i].crash_errors:
+                    slots[i].last_rss = future.result()["rss"]
+                except slots[i].crash_errors:
                     failed.append(i)
             if not failed:
-                return
+                return slots  # type: ignore[return-value]
             for i in failed:
-                slot = self._slots[i]
+                slot = slots[i]
                 error = WorkerCrashedError(slot.slot.index, None, slot.exitcode(), slot.last_rss, "start", attempt)
                 slot.shutdown()
                 if attempt == self.START_ATTEMPTS:
-                    for j in indices:
-                        self._slots[j].shutdown()
-                    self._slots = [s for j, s in enumerate(self._slots) if j not in indices]
+                    for s in slots:
+                        if s is not None and s is not slot:
+                            s.shutdown()
                     raise error
                 logger.warning("mp_executors: %s; starting it again", error.describe())
             indices = failed
+        raise AssertionError("unreachable")
 
     def _new_slot(self, slot: WorkerSlot) -> WorkerSlotProcess:
         """Starts the worker of one slot (override to run workers elsewhere)."""
         return WorkerSlotProcess(slot, self.start_method)
 
     def has_broken(self) -> bool:
-        return any(s.broken for s in self._slots)
+        return any(s is not None and s.broken for s in self._slots)
 
     def crashed(self, slot: WorkerSlotProcess, phase: str, clients: tuple[int, int] | None) -> WorkerCrashedError:
         """Marks a slot dead and describes how it died."""
@@ -279,16 +418,21 @@ class WorkerPool:
         logger.warning("mp_executors: %s", error.describe())
         return error
 
-    def interrupt(self) -> None:
-        """After Ctrl-C: ends the workers still busy with the abandoned call.
+    def interrupt(self, slots: list[WorkerSlotProcess] | None = None) -> list[WorkerSlotProcess]:
+        """After Ctrl-C: ends the workers of `slots` (default: all) still busy with an abandoned call.
 
-        They are replaced (warm-started again) by the next call that needs them;
-        idle workers, and the values they hold, are kept.
+        They are replaced (warm-started again) by the next call that needs
+        them; idle workers, and the values they hold, are kept. Returns the
+        slots stopped. Which slots may be stopped (only the interrupted
+        call's, not another call's) is the factory's decision.
         """
-        for slot in list(self._slots):
-            if any(not f.done() for f in slot.pending):
+        stopped = []
+        for slot in self.slots if slots is None else slots:
+            if slot.busy and not slot.broken:
                 logger.warning("mp_executors: interrupted; stopping busy worker slot %d", slot.slot.index)
                 slot.kill()
+                stopped.append(slot)
+        return stopped
 
     # ------------------------------------------------------------------ memory guard
 
@@ -326,97 +470,150 @@ class WorkerPool:
 
     def open_shards(self, ranges: list[tuple[int, int]]) -> list[RemoteShard]:
         """One ClientShard per range, range i in worker i (one round trip each, in parallel)."""
-        if len(ranges) > len(self._slots):
-            raise ValueError(f"{len(ranges)} shards but only {len(self._slots)} workers.")
+        slots = self.slots
+        if len(ranges) > len(slots):
+            raise ValueError(f"{len(ranges)} shards but only {len(slots)} workers.")
         shards = []
         futures = []
-        for slot, (start, stop) in zip(self._slots, ranges):
+        for slot, (start, stop) in zip(slots, ranges):
             shard_id = next(self._shard_ids)
             device = "/GPU:0" if slot.slot.gpu is not None else None
             futures.append(slot.submit(worker.open_shard, shard_id, start, stop, device))
             shards.append(RemoteShard(self, slot, shard_id, start, stop))
-        for f in futures:
-            f.result()
+        for shard, f in zip(shards, futures):
+            try:
+                f.result()
+            except shard.slot.crash_errors as e:
+                # A WorkerCrashedError: the call is retried on a fresh worker.
+                raise self.crashed(shard.slot, "open", (shard.start, shard.stop)) from e
         return shards
 
     def reports(self) -> list[dict[str, Any]]:
         """Each worker's pid, CPU affinity, threads, GPU and memory."""
-        return [f.result() for f in [s.submit(worker.report) for s in self._slots]]
+        return [f.result() for f in [s.submit(worker.report) for s in self.slots]]
 
     def pids(self) -> list[int]:
-        return [pid for s in self._slots for pid in s.pids()]
+        return [pid for s in self.slots for pid in s.pids()]
 
     def close(self) -> None:
         self._monitor_stop.set()
         with self._lock:
-            slots, self._slots = self._slots, []
+            slots = [s for s in self._slots if s is not None]
+            self._slots = []
             self.plan = None
+            for slot in slots:
+                slot.retired = True
         for slot in slots:
             slot.shutdown()
 
 
 class RemoteShard:
-    """The parent's proxy of a ClientShard living in one worker (a ShardTarget)."""
+    """The parent's proxy of a ClientShard living in one worker (a ShardTarget).
+
+    What it gives back, and when: the shared-memory segments a `Put` leased
+    in `prepare` return to the slot's `SegmentPool` when the worker has
+    answered (or died), or at once when the request is never sent
+    (`discard`); a compiled computation counts as known to the worker only
+    once a request carrying it was submitted. A sent request is never
+    cancelled in the worker (cancelling the reply abandons only the reply):
+    later requests may refer to the functions it carries.
+    """
 
     def __init__(self, pool: WorkerPool, slot: WorkerSlotProcess, shard_id: int, start: int, stop: int):
         self.pool, self.slot, self.shard_id = pool, slot, shard_id
         self.start, self.stop = start, stop
-        self._prepared: dict[int, transport.Segments] = {}  # put handle -> leased segments
+        self._prepared: dict[int, transport.Segments] = {}  # PutColumns handle -> leased segments
 
-    def prepare(self, method: str, args: tuple) -> tuple[str, tuple]:
-        """Stacks a `put`'s client values into columns (shared memory when large).
+    def prepare(self, request: rq.ShardRequest) -> rq.ShardRequest:
+        """Stacks a `Put`'s client values into columns (shared memory when large).
 
         Runs for every shard before any request is sent, so a value that cannot
         travel (e.g. a dataset built from Python code) is refused up front.
         """
-        if method != "put" or _is_client_data(args[2]):
-            return method, args
-        handle, member_type, reps = args
+        if not isinstance(request, rq.Put) or isinstance(request.clients, ClientData):
+            return request
         slot = self.slot
         # Without shared memory (workers on other hosts), columns travel inline.
         segments = slot.segments.lease() if slot.segments is not None else transport.Segments(inline=True)
         try:
-            columns = transport.encode_columns(member_type, reps, segments, first_client=self.start)
+            columns = transport.encode_columns(request.member_type, request.clients, segments, first_client=self.start)
         except BaseException:
             segments.release()
             raise
-        self._prepared[handle] = segments
-        return "put_columns", (handle, member_type, columns)
+        self._prepared[request.handle] = segments
+        return rq.PutColumns(request.handle, request.member_type, columns)
 
-    def discard_prepared(self) -> None:
-        for segments in self._prepared.values():
-            segments.release()
-        self._prepared.clear()
-
-    async def call(self, releases: list[int], method: str, *args: Any) -> Any:
-        slot = self.slot
-        segments = self._prepared.pop(args[0], None) if method == "put_columns" else None
-        try:
-            if slot.broken:
-                raise self.pool.crashed(slot, method, (self.start, self.stop))
-            args, new_functions = transport.strip_known_functions(args, slot.known_functions)
-            self.pool.requests += 1
-            slot.last_used = time.monotonic()
-            future = slot.submit(worker.handle, self.shard_id, releases, method, args, new_functions)
-            return await asyncio.wrap_future(future)
-        except slot.crash_errors as e:
-            phase = "put" if method == "put_columns" else method
-            raise self.pool.crashed(slot, phase, (self.start, self.stop)) from e
-        finally:
+    def discard(self, request: rq.ShardRequest) -> None:
+        if isinstance(request, rq.PutColumns):
+            segments = self._prepared.pop(request.handle, None)
             if segments is not None:
                 segments.release()
 
+    def send(self, releases: tuple[int, ...], request: rq.ShardRequest) -> asyncio.Future:
+        """Submits `request` to the worker now; returns a future of its reply."""
+        slot = self.slot
+        segments = self._prepared.pop(request.handle, None) if isinstance(request, rq.PutColumns) else None
+        reply = asyncio.get_running_loop().create_future()
+        try:
+            if slot.broken:
+                raise self.pool.crashed(slot, request.verb, (self.start, self.stop))
+            stripped, new_functions = transport.strip_known_functions(request, slot.known_functions)
+            future = slot.submit(worker.handle, self.shard_id, releases, stripped, new_functions)
+        except BaseException as e:
+            if segments is not None:
+                segments.release()
+            if isinstance(e, WorkerCrashedError):
+                reply.set_exception(e)
+                return reply
+            if isinstance(e, slot.crash_errors):
+                reply.set_exception(self.pool.crashed(slot, request.verb, (self.start, self.stop)))
+                return reply
+            raise
+        # Submitted: the worker receives these functions before any later request.
+        slot.known_functions.update(f.digest for f in new_functions)
+        self.pool.requests += 1  # (the slot's idle clock starts when the reply is in: SlotUse)
+        self._settle_when_done(future, reply, request.verb, segments)
+        return reply
+
+    def _settle_when_done(self, future: Any, reply: asyncio.Future, phase: str,
+                          segments: transport.Segments | None) -> None:
+        loop = reply.get_loop()
+        slot = self.slot
+
+        def settle() -> None:  # on the event loop
+            if reply.cancelled():
+                return  # abandoned (cancelled call, Ctrl-C): nobody reads it
+            if future.cancelled():
+                reply.cancel()
+                return
+            error = future.exception()
+            if error is None:
+                reply.set_result(future.result())
+            elif isinstance(error, slot.crash_errors):
+                crash = self.pool.crashed(slot, phase, (self.start, self.stop))
+                crash.__cause__ = error
+                reply.set_exception(crash)
+            else:
+                reply.set_exception(error)
+
+        def done(_: Any) -> None:  # on the executor's result thread
+            if segments is not None:
+                segments.release()  # the worker has copied the columns out (or is gone)
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:  # the event loop is closed: no one waits for the reply
+                pass
+
+        future.add_done_callback(done)
+
     def close(self) -> None:
+        for segments in self._prepared.values():
+            segments.release()
+        self._prepared.clear()
         try:
             self.slot.submit(worker.close_shard, self.shard_id)
         except Exception:  # the pool may already be shut down  # noqa: BLE001
             pass
 
 
-def _is_client_data(value: Any) -> bool:
-    from mp_executors.core.client_data import ClientData  # noqa: PLC0415
-
-    return isinstance(value, ClientData)
-
-
-__all__ = ["RemoteShard", "WorkerPool"]
+__all__ = ["RemoteShard", "SlotUse", "WorkerPool", "WorkerSlotProcess"]

@@ -1,21 +1,42 @@
-"""Moving client columns from the parent to a worker.
+"""Moving client columns and compiled functions from the parent to a worker.
 
 A CLIENTS argument arrives as one value per client. The parent stacks each
-leaf into one array per shard (`client_shard.columns_from_clients`) and, for
+leaf into one array per shard (`client_shard.leaves_by_column`) and, for
 arrays of at least `SHARED_MEMORY_THRESHOLD` bytes, writes it straight into a
 POSIX shared-memory segment: the request then carries only the segment's name,
 shape and dtype, and the worker copies it out once (FACTS: ~160 ms per
-100 MiB instead of ~580 ms as a pickled argument). The parent unlinks the
-segment as soon as the request has completed.
+100 MiB instead of ~580 ms as a pickled argument).
+
+Who owns what:
+
+- Parent side, `SegmentPool` (one per worker slot, closed with the slot):
+  every segment it created, named `mpx_<parent pid>_<random>` so that a test
+  or an operator can tell ours in /dev/shm. A request leases segments
+  (`Segments`) when it is prepared and gives them back to the pool when it has
+  completed, failed, or was never sent; `leased` counts what is out.
+- Worker side, `AttachedSegments` (owned by the worker process's
+  `workers.worker.Worker`): the segments it has mapped, the most recent few
+  kept mapped for the next request.
+- Functions: `strip_known_functions` replaces every compiled computation the
+  worker already has by its digest; the caller records a digest as known only
+  once the request carrying the function was actually submitted.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import secrets
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from multiprocessing import shared_memory
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # importing mp_executors.executors imports TensorFlow; a worker must pin itself first
+    from mp_executors.executors.shard_requests import ShardRequest
 
 SHARED_MEMORY_THRESHOLD = 1 << 20
 
@@ -29,6 +50,10 @@ class SharedArray:
     dtype: str
 
 
+#: Every segment a SegmentPool creates is named f"{SEGMENT_PREFIX}_{parent pid}_{random}".
+SEGMENT_PREFIX = "mpx"
+
+
 class SegmentPool:
     """Shared-memory segments kept for reuse, owned by one worker slot.
 
@@ -36,31 +61,46 @@ class SegmentPool:
     here); a segment reused from the previous call is already mapped on both
     sides, so moving a round's client data costs two memcpys. A segment is
     leased for the duration of one request; concurrent requests get distinct
-    segments. `close()` unlinks everything (the resource tracker does it if
+    segments. Leases are given back from the event loop (a request never
+    sent) or from the executor's result thread (a request completed), hence
+    the lock. `close()` unlinks everything (the resource tracker does it if
     the parent is killed).
     """
 
     def __init__(self):
         self._free: list[shared_memory.SharedMemory] = []
         self._all: list[shared_memory.SharedMemory] = []
+        self._lock = threading.Lock()
 
     def lease(self) -> Segments:
         return Segments(self)
 
+    @property
+    def leased(self) -> int:
+        """How many segments requests hold right now (0 between calls)."""
+        with self._lock:
+            return len(self._all) - len(self._free)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return [s.name for s in self._all]
+
     def _take(self, nbytes: int) -> shared_memory.SharedMemory:
-        fitting = [s for s in self._free if s.size >= nbytes]
-        if fitting:
-            best = min(fitting, key=lambda s: s.size)
-            self._free.remove(best)
-            return best
-        if self._free and sum(s.size for s in self._free) > 4 * nbytes:
-            self._drop(self._free.pop(0))  # too many small segments: let one go
-        segment = shared_memory.SharedMemory(create=True, size=max(nbytes + nbytes // 4, 1))
-        self._all.append(segment)
-        return segment
+        with self._lock:
+            fitting = [s for s in self._free if s.size >= nbytes]
+            if fitting:
+                best = min(fitting, key=lambda s: s.size)
+                self._free.remove(best)
+                return best
+            if self._free and sum(s.size for s in self._free) > 4 * nbytes:
+                self._drop(self._free.pop(0))  # too many small segments: let one go
+            segment = _create_segment(max(nbytes + nbytes // 4, 1))
+            self._all.append(segment)
+            return segment
 
     def _give_back(self, segments: list[shared_memory.SharedMemory]) -> None:
-        self._free.extend(s for s in segments if s in self._all)
+        with self._lock:
+            self._free.extend(s for s in segments if s in self._all and s not in self._free)
 
     def _drop(self, segment: shared_memory.SharedMemory) -> None:
         self._all.remove(segment)
@@ -71,13 +111,23 @@ class SegmentPool:
             pass
 
     def close(self) -> None:
-        for segment in list(self._all):
-            self._drop(segment)
-        self._free = []
+        with self._lock:
+            for segment in list(self._all):
+                self._drop(segment)
+            self._free = []
+
+
+def _create_segment(size: int) -> shared_memory.SharedMemory:
+    while True:
+        name = f"{SEGMENT_PREFIX}_{os.getpid()}_{secrets.token_hex(6)}"
+        try:
+            return shared_memory.SharedMemory(name=name, create=True, size=size)
+        except FileExistsError:  # a 48-bit collision: draw again
+            continue
 
 
 class Segments:
-    """The segments one request leased; given back once the request is done."""
+    """The segments one request leased; `release()` (idempotent) gives them back."""
 
     def __init__(self, pool: SegmentPool | None = None, inline: bool = False):
         self._pool = pool if pool is not None else SegmentPool()
@@ -99,41 +149,71 @@ class Segments:
         return SharedArray(segment.name, shape, np.dtype(dtype).str)
 
     def release(self) -> None:
-        self._pool._give_back(self._segments)
-        self._segments = []
+        segments, self._segments = self._segments, []
+        self._pool._give_back(segments)
         if self._owned_pool:
             self._pool.close()
 
 
-#: Worker side: segments attached once and kept mapped (by name), most recent last.
-_attached: dict[str, shared_memory.SharedMemory] = {}
-_ATTACHED_LIMIT = 16
+class AttachedSegments:
+    """Worker side: the parent's segments this process has mapped, by name.
 
-
-def _attach(name: str) -> shared_memory.SharedMemory:
-    segment = _attached.pop(name, None)
-    if segment is None:
-        segment = shared_memory.SharedMemory(name=name)
-        while len(_attached) >= _ATTACHED_LIMIT:
-            _attached.pop(next(iter(_attached))).close()
-    _attached[name] = segment
-    return segment
-
-
-def read_shared(ref: SharedArray) -> Any:
-    """An eager tensor holding a private copy of a shared array.
-
-    Copied, because the parent reuses the segment for its next request;
-    TensorFlow then aliases the private copy, so numpy views of the column
-    cost nothing more.
+    Owned by the worker process's `Worker`; the `limit` most recently used
+    stay mapped (a pool's segments are reused call after call), older ones are
+    unmapped. Attaching registers nothing new with the resource tracker that
+    matters: on Python 3.11 loky workers share the parent's tracker, and the
+    parent unlinks the segments it created.
     """
-    from mp_executors._tf import tf  # noqa: PLC0415 - workers have TF loaded already
 
-    view = np.ndarray(ref.shape, dtype=np.dtype(ref.dtype), buffer=_attach(ref.name).buf)
-    try:
-        return tf.convert_to_tensor(np.array(view))
-    finally:
-        del view
+    def __init__(self, limit: int = 16):
+        self.limit = limit
+        self._mapped: OrderedDict[str, shared_memory.SharedMemory] = OrderedDict()
+
+    def _attach(self, name: str) -> shared_memory.SharedMemory:
+        segment = self._mapped.pop(name, None)
+        if segment is None:
+            segment = shared_memory.SharedMemory(name=name)
+            while len(self._mapped) >= self.limit:
+                self._mapped.popitem(last=False)[1].close()
+        self._mapped[name] = segment
+        return segment
+
+    def names(self) -> list[str]:
+        return list(self._mapped)
+
+    def read(self, ref: SharedArray) -> Any:
+        """An eager tensor holding a private copy of a shared array.
+
+        Copied, because the parent reuses the segment for its next request;
+        TensorFlow then aliases the private copy, so numpy views of the column
+        cost nothing more.
+        """
+        from mp_executors._tf import tf  # noqa: PLC0415 - imported after the worker pinned itself
+
+        view = np.ndarray(ref.shape, dtype=np.dtype(ref.dtype), buffer=self._attach(ref.name).buf)
+        try:
+            return tf.convert_to_tensor(np.array(view))
+        finally:
+            del view
+
+    def decode_columns(self, columns: list[tuple[str, Any]]) -> list[Any]:
+        """Columns as sent by `encode_columns` -> the shard's column objects."""
+        from mp_executors.executors.client_shard import Batched, PerClient  # noqa: PLC0415 - imports TF
+
+        decoded = []
+        for kind, payload in columns:
+            if kind == "batched":
+                decoded.append(Batched(self.read(payload) if isinstance(payload, SharedArray) else payload))
+            elif kind == "datasets":
+                sequence_type, graphs = payload
+                decoded.append(PerClient([dataset_from_graph(g, sequence_type) for g in graphs]))
+            else:
+                decoded.append(PerClient(payload))
+        return decoded
+
+    def close(self) -> None:
+        while self._mapped:
+            self._mapped.popitem(last=False)[1].close()
 
 
 def encode_columns(member_type: Any, reps: list[Any], segments: Segments, first_client: int = 0) -> list[tuple[str, Any]]:
@@ -182,21 +262,6 @@ def dataset_from_graph(graph: bytes, sequence_type: Any) -> Any:
     return tf.data.experimental.from_variant(variant, tfc.element_spec(sequence_type.element))
 
 
-def decode_columns(columns: list[tuple[str, Any]]) -> list[Any]:
-    from mp_executors.executors.client_shard import Batched, PerClient  # noqa: PLC0415
-
-    decoded = []
-    for kind, payload in columns:
-        if kind == "batched":
-            decoded.append(Batched(read_shared(payload) if isinstance(payload, SharedArray) else payload))
-        elif kind == "datasets":
-            sequence_type, graphs = payload
-            decoded.append(PerClient([dataset_from_graph(g, sequence_type) for g in graphs]))
-        else:
-            decoded.append(PerClient(payload))
-    return decoded
-
-
 # --------------------------------------------------------------------------- functions
 
 
@@ -242,26 +307,34 @@ def _rebuild(node: Any, replace) -> Any:
     return copy
 
 
-def strip_known_functions(args: tuple, known: set[str]) -> tuple[tuple, list[Any]]:
-    """Replaces functions the worker has by FunctionRefs; returns (args, new functions).
+def strip_known_functions(request: ShardRequest, known: set[str]) -> tuple[ShardRequest, list[Any]]:
+    """Replaces every compiled computation of `request` by a FunctionRef; returns (request, new functions).
 
-    A compiled computation therefore crosses to each worker once; later
+    `new functions` are those whose digest is not in `known`: they travel with
+    the request. `known` is NOT updated: the caller adds the new digests once
+    the request is actually on its way (a request that is never sent must not
+    leave the worker believed to have functions it never received). A
+    compiled computation therefore crosses to each worker once; later
     requests carry its 64-character digest.
     """
+    if not request.function_fields:
+        return request, []
     new: dict[str, Any] = {}
 
     def replace(function):
-        if function.digest in known:
-            return FunctionRef(function.digest)
-        new[function.digest] = function
+        if function.digest not in known:
+            new[function.digest] = function
         return FunctionRef(function.digest)
 
-    stripped = _rebuild(args, replace)
-    known.update(new)
-    return stripped, list(new.values())
+    changes = {name: _rebuild(getattr(request, name), replace) for name in request.function_fields}
+    return dataclasses.replace(request, **changes), list(new.values())
 
 
-def resolve_functions(args: tuple, registry: dict[str, Any]) -> tuple:
+def resolve_functions(request: ShardRequest, registry: dict[str, Any]) -> ShardRequest:
+    """Worker side: FunctionRefs -> the compiled computations in `registry`."""
+    if not request.function_fields:
+        return request
+
     def replace(ref):
         if isinstance(ref, FunctionRef):
             try:
@@ -273,4 +346,5 @@ def resolve_functions(args: tuple, registry: dict[str, Any]) -> tuple:
                 ) from None
         return ref
 
-    return _rebuild(args, replace)
+    changes = {name: _rebuild(getattr(request, name), replace) for name in request.function_fields}
+    return dataclasses.replace(request, **changes)
