@@ -2,7 +2,8 @@
 
     python benchmarks/pool_targets.py [--rounds 6] [--out benchmarks/results/pool_targets.json]
 
-Workloads are those of ../shared/FACTS.md (see `workloads.py`). Every number
+Workloads are those of FACTS.md (`mp_executors.benchmarking.workloads`), measured
+with the helpers `mp-executors bench` uses (`mp_executors.benchmarking.suite`). Every number
 is the median of rounds 2..R of one configuration (round 1 is the warm-up:
 pool start, graph import, tracing), with min and max; ratios are between
 numbers of this same run. Prints a markdown table and writes a JSON file
@@ -14,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,26 +22,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import workloads as W  # noqa: E402
-
-import mp_executors as mpx  # noqa: E402
-from mp_executors._tf import tf  # noqa: E402
-
-
-def summarize(samples: list[float]) -> dict:
-    timed = samples[1:] if len(samples) > 1 else samples
-    return {"median": statistics.median(timed), "min": min(timed), "max": max(timed), "samples": samples}
-
-
-def run_rounds(fn, rounds: int) -> list[float]:
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return samples
+import mp_executors as mpx
+from mp_executors._tf import tf
+from mp_executors.benchmarking import workloads as W
+from mp_executors.benchmarking.suite import machine, measure
 
 
 def worker_memory(factory) -> dict:
@@ -62,7 +45,7 @@ def floor(clients: list[dict], rounds: int) -> dict:
     xs = tf.constant(np.stack([c["x"] for c in clients]))
     ys = tf.constant(np.stack([c["y"] for c in clients]))
     model = W.initial_model()
-    return summarize(run_rounds(lambda: [t.numpy() for t in run(model["w"], model["b"], xs, ys)], rounds))
+    return measure(lambda: [t.numpy() for t in run(model["w"], model["b"], xs, ys)], rounds)
 
 
 def fedavg(factory, data, rounds: int, memory: dict | None = None) -> dict:
@@ -76,13 +59,13 @@ def fedavg(factory, data, rounds: int, memory: dict | None = None) -> dict:
             memory["pss"] = max(memory.get("pss", 0), sample["pss"])
 
     with mpx.execution_context(factory):
-        return summarize(run_rounds(one_round, rounds))
+        return measure(one_round, rounds)
 
 
 def overhead(factory, n: int, rounds: int) -> dict:
     values = list(np.random.default_rng(0).random(n, dtype=np.float32))
     with mpx.execution_context(factory):
-        return summarize(run_rounds(lambda: W.overhead_sum(values), rounds))
+        return measure(lambda: W.overhead_sum(values), rounds)
 
 
 def warm_call_check(factory, data) -> dict:
@@ -111,10 +94,7 @@ def main(argv=None) -> int:
     n, rounds = args.clients, args.rounds
     results: dict = {
         "command": "python benchmarks/pool_targets.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {
-            "cpus": psutil.cpu_count(), "memory": psutil.virtual_memory().total, "python": platform.python_version(),
-            "tensorflow": tf.__version__, "platform": platform.platform(),
-        },
+        "machine": machine(),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     print(f"building {n} clients of FedAvg data ...", flush=True)

@@ -1,6 +1,6 @@
 """Thin wrapper: `python benchmarks/run_bench.py [ARGS]` is `mp-executors bench [ARGS]`.
 
-The suite itself lives in the package (`mp_executors/simulation/bench.py`) so that the
+The suite itself lives in the package (`mp_executors/benchmarking/suite.py`) so that the
 command works from an install; see its docstring for what is measured.
 """
 

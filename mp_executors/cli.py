@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NamedTuple, NoReturn
 
-from . import resources
+from mp_executors.machine import detect_machine, format_bytes
+from mp_executors.planning import DEFAULT_MEMORY_PER_WORKER, plan_pool
 
 PROG = "mp-executors"
 
@@ -32,6 +35,23 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: error: {message} (see --help)")
+
+
+#: Python argument names in planning's and the factories' messages -> this CLI's flags.
+_FLAGS = {
+    "num_clients": "--clients",
+    "num_workers": "--workers",
+    "threads_per_worker": "--threads-per-worker",
+    "workers_per_gpu": "--workers-per-gpu",
+    "memory_per_worker": "--memory-per-worker",
+    "devices": "--devices",
+}
+_FLAG_RE = re.compile(r"(?<![-\w])(oversubscribe=True|" + "|".join(_FLAGS) + r")\b")
+
+
+def flag_names(message: str) -> str:
+    """A planning / factory error message with its argument names as this CLI's flags."""
+    return _FLAG_RE.sub(lambda m: _FLAGS.get(m.group(1), "--oversubscribe"), message)
 
 
 class Subcommand(NamedTuple):
@@ -85,29 +105,31 @@ def _add_info_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="SIZE",
         help="memory budget per worker, e.g. 2GB, 512MiB, 1.5G "
-        f"(default: {resources.format_bytes(resources.DEFAULT_MEMORY_PER_WORKER)})",
+        f"(default: {format_bytes(DEFAULT_MEMORY_PER_WORKER)})",
+    )
+    p.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help="plan --workers even beyond what the available memory holds (refused otherwise)",
     )
     p.add_argument("--json", action="store_true", help="print the plan as JSON instead")
 
 
 def _info(args: argparse.Namespace) -> int:
-    machine = resources.detect_machine()
+    machine = detect_machine()
     try:
-        plan = resources.plan_pool(
+        plan = plan_pool(
             args.clients,
             num_workers=args.workers,
             threads_per_worker=args.threads_per_worker,
             devices=args.devices,
             workers_per_gpu=args.workers_per_gpu,
             memory_per_worker=args.memory_per_worker,
+            oversubscribe=args.oversubscribe,
             machine=machine,
         )
     except ValueError as e:
-        # plan_pool names Python arguments; say which flag that is.
-        msg = str(e).replace("num_clients", "--clients").replace("num_workers", "--workers")
-        for name in ("threads_per_worker", "workers_per_gpu", "memory_per_worker", "devices"):
-            msg = msg.replace(name, "--" + name.replace("_", "-"))
-        raise UsageError(f"{PROG} info: error: {msg}") from None
+        raise UsageError(f"{PROG} info: error: {flag_names(str(e))}") from None
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     else:
@@ -118,24 +140,25 @@ def _info(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------
-# run (the main job) and bench (the scaling suite): both live in
-# mp_executors.simulation; TensorFlow is imported only inside the handlers.
+# run (the main job, mp_executors.simulation) and bench (the scaling suite,
+# mp_executors.benchmarking): TensorFlow is imported only inside the handlers.
 # --------------------------------------------------------------------------
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    from .simulation import job  # noqa: PLC0415 - TF-free: numpy and the types only
+    # Lazy, so that `info` never imports the simulation (numpy, the data layer).
+    from mp_executors.simulation import job  # noqa: PLC0415
 
     job.add_arguments(p)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .simulation import job  # noqa: PLC0415
+    from mp_executors.simulation import job  # noqa: PLC0415 - see _add_run_arguments
 
     try:
         return job.run(args)
     except job.JobError as e:
-        raise UsageError(f"{PROG} run: error: {e}") from None
+        raise UsageError(f"{PROG} run: error: {flag_names(str(e))}") from None
 
 
 def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -155,15 +178,14 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pathlib import Path  # noqa: PLC0415
-
     if args.rounds is not None and args.rounds < 2:
         raise UsageError(f"{PROG} bench: error: --rounds must be at least 2 (the first is warm-up), got {args.rounds}")
-    from .simulation import bench  # noqa: PLC0415
+    # Imports TensorFlow (the workloads are traced at import): only once the flags are good.
+    from mp_executors.benchmarking import suite  # noqa: PLC0415
 
     command = " ".join([PROG, "bench", *(sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "bench" else [])])
     out = Path(args.out)
-    doc = bench.run_suite(out, quick=args.quick, rounds=args.rounds, peer=args.peer,
+    doc = suite.run_suite(out, quick=args.quick, rounds=args.rounds, peer=args.peer,
                           peer_venv=Path(args.peer_venv) if args.peer_venv else None, command=command,
                           log=lambda line: print(line, flush=True), ray=args.ray)
     print()

@@ -6,7 +6,7 @@ import time
 
 import psutil
 
-from mp_executors import resources
+from mp_executors.machine import Machine, detect_machine
 
 
 def identity(pid: int) -> tuple[int, float] | None:
@@ -54,10 +54,10 @@ def children_count() -> int:
     return len(psutil.Process().children(recursive=True))
 
 
-def fake_gpu_machine(gpus: tuple[str, ...]) -> resources.Machine:
+def fake_gpu_machine(gpus: tuple[str, ...]) -> Machine:
     """This machine's real CPUs and memory, plus made-up GPU ids."""
-    real = resources.detect_machine()
-    return resources.Machine(
+    real = detect_machine()
+    return Machine(
         usable_cpus=real.usable_cpus,
         logical_cpus=real.logical_cpus,
         physical_cores=real.physical_cores,

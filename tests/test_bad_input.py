@@ -34,13 +34,13 @@ import psutil  # noqa: E402
 import pytest  # noqa: E402
 
 import mp_executors as mpx  # noqa: E402
-from mp_executors import resources  # noqa: E402
+from mp_executors import machine  # noqa: E402
 
 tf = pytest.importorskip("tensorflow")
 
 F32 = np.float32
-USABLE_CPUS = len(resources.detect_machine().usable_cpus)
-HAS_GPU = bool(resources.detect_gpus())
+USABLE_CPUS = len(machine.detect_machine().usable_cpus)
+HAS_GPU = bool(machine.detect_gpus())
 
 
 def at_clients(member: Any) -> mpx.FederatedType:

@@ -1,4 +1,5 @@
-"""Tests for `mp-executors bench` (the quick sweep), its report, the peer hook and update_readme."""
+"""Tests for `mp-executors bench` (mp_executors.benchmarking.suite: the quick sweep, its report, the peer hook)
+and benchmarks/update_readme.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from pathlib import Path
 
 from mp_executors import cli
-from mp_executors.simulation import bench
+from mp_executors.benchmarking import suite as bench
 
 REPO = Path(__file__).resolve().parents[1]
 

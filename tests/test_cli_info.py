@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mp_executors import cli
-from mp_executors.resources import detect_machine
+from mp_executors.machine import detect_machine
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,8 +21,8 @@ import tensorflow as tf
 from _pool_helpers import children_count, fake_gpu_machine, identity, wait_gone
 
 import mp_executors as mpx
-from mp_executors import resources
 from mp_executors.factories.mp import MpExecutorFactory
+from mp_executors.machine import detect_machine
 
 F32 = mpx.TensorType(np.float32)
 CLIENTS_F32 = mpx.FederatedType(F32, mpx.CLIENTS)
@@ -31,7 +31,7 @@ VEC4 = mpx.TensorType(np.float32, [4])
 CLIENTS_VEC4 = mpx.FederatedType(VEC4, mpx.CLIENTS)
 SEQ_F32 = mpx.SequenceType(F32)
 
-USABLE_CPUS = resources.detect_machine().usable_cpus
+USABLE_CPUS = detect_machine().usable_cpus
 
 
 # ---------------------------------------------------------------- computations

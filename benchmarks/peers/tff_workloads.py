@@ -5,7 +5,7 @@
 
 Runs in the separate venv made by `setup_tff_venv.sh` (TFF is never a dependency of
 mp_executors, and this file imports nothing from it). The workloads are those of
-`mp_executors/simulation/workloads.py` (FACTS.md, "the peer"), written with TFF's API:
+`mp_executors/benchmarking/workloads.py` (FACTS.md, "the peer"), written with TFF's API:
 
 - "fedavg": 784->10 softmax, 100 examples x 784 features per client, 5 full-batch steps,
   lr 0.1, unweighted server mean; client data passed as values every round (as FACTS.md

@@ -125,18 +125,6 @@ def flatten(value: Any) -> list[Any]:
     return [value]
 
 
-def pack_like(template: Any, leaves: list[Any]) -> Any:
-    """Inverse of `flatten`: rebuilds `template`'s Struct shape from leaves."""
-    it = iter(leaves)
-
-    def build(node):
-        if isinstance(node, Struct):
-            return Struct((n, build(v)) for n, v in node.items())
-        return next(it)
-
-    return build(template)
-
-
 def flatten_type(type_spec: t.Type) -> list[t.Type]:
     if isinstance(type_spec, t.StructType):
         return [leaf for e in type_spec for leaf in flatten_type(e)]

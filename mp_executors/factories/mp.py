@@ -6,7 +6,7 @@
            clients: RemoteShards, one per worker process of a WorkerPool,
                     each worker pinned to its CPUs / GPU, holding its shard
 
-The pool is sized when a call arrives (`resources.plan_pool` from the
+The pool is sized when a call arrives (`planning.plan_pool` from the
 inferred number of clients and the machine), started lazily, kept warm
 across calls, and resized when a later call's client count needs a
 different plan.
@@ -19,14 +19,16 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from mp_executors.checks import check_int, is_int
 from mp_executors.core.types import CLIENTS
-from mp_executors.executors.client_shard import BLOCK_SIZE
 from mp_executors.executors.eager_tf_executor import EagerTFExecutor
 from mp_executors.executors.federating_executor import FederatingExecutor
+from mp_executors.executors.reduction_blocks import BLOCK_SIZE, split_clients
 from mp_executors.executors.reference_resolving_executor import ReferenceResolvingExecutor
 from mp_executors.factories.base import CachingExecutorFactory
 from mp_executors.factories.local import check_common_arguments
-from mp_executors.resources import PoolPlan, detect_machine, plan_pool, split_clients
+from mp_executors.machine import detect_machine
+from mp_executors.planning import PoolPlan, plan_pool
 from mp_executors.workers.pool import WorkerPool
 
 logger = logging.getLogger("mp_executors")
@@ -36,12 +38,11 @@ class MpExecutorFactory(CachingExecutorFactory):
     def __init__(self, default_num_clients: int = 0, max_fanout: int = 100, server_device: str | None = None,
                  client_devices: Sequence[str] = (), *, num_workers: int | None = None,
                  threads_per_worker: int | None = None, devices: Any = "auto", workers_per_gpu: int = 1,
-                 memory_per_worker: int | str | None = None, start_method: str | None = None,
-                 max_retries: int = 1, machine=None):
+                 memory_per_worker: int | str | None = None, oversubscribe: bool = False,
+                 start_method: str | None = None, max_retries: int = 1, machine=None):
         super().__init__(default_num_clients)
-        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0 (retries after a worker crash), got {max_retries!r}.")
-        self.max_retries = max_retries
+        self.max_retries = check_int("max_retries", max_retries, minimum=0,
+                                     fix="the retries after a worker crash, e.g. 1")
         check_common_arguments(max_fanout, server_device, client_devices)
         self.max_fanout = max_fanout
         self.server_device = server_device
@@ -50,11 +51,10 @@ class MpExecutorFactory(CachingExecutorFactory):
         self._reading: tuple[float, Any] | None = None
         self._plan_args = dict(
             num_workers=num_workers, threads_per_worker=threads_per_worker, devices=devices,
-            workers_per_gpu=workers_per_gpu, memory_per_worker=memory_per_worker,
+            workers_per_gpu=workers_per_gpu, memory_per_worker=memory_per_worker, oversubscribe=oversubscribe,
         )
         # Validate every sizing argument now, before any call dispatches work.
-        valid_count = isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers > 0
-        self.plan(num_workers if valid_count else 1)
+        self.plan(num_workers if is_int(num_workers) else 1)
         self.pool = WorkerPool(start_method)
 
     #: How long a machine reading (free memory, CPUs) is reused for planning.
@@ -66,12 +66,13 @@ class MpExecutorFactory(CachingExecutorFactory):
         if machine is None:
             if self._reading is None or time.monotonic() - self._reading[0] > self.MACHINE_READING_SECONDS:
                 self._reading = (time.monotonic(), detect_machine())
-            machine = self._reading[1]
+            # The pool's own workers are part of the plan: their memory counts as available to it.
+            machine = self._reading[1].reclaiming(self.pool.pids()) if hasattr(self, "pool") else self._reading[1]
         # An explicit num_workers fixes the slots (CPUs and threads per worker)
         # whatever the client count: a call with fewer clients than workers uses
         # the first slots only, instead of re-planning (and restarting) the pool.
         fixed = self._plan_args["num_workers"]
-        if not (isinstance(fixed, int) and not isinstance(fixed, bool) and fixed > 0):
+        if not is_int(fixed):
             fixed = 0  # invalid or absent: plan_pool reports a bad value by its name
         return plan_pool(max(num_clients, fixed), machine=machine, **self._plan_args)
 
@@ -123,8 +124,8 @@ class MpExecutorFactory(CachingExecutorFactory):
 def mp_executor_factory(default_num_clients: int = 0, max_fanout: int = 100, server_device: str | None = None,
                         client_devices: Sequence[str] = (), *, num_workers: int | None = None,
                         threads_per_worker: int | None = None, devices: Any = "auto", workers_per_gpu: int = 1,
-                        memory_per_worker: int | str | None = None, start_method: str | None = None,
-                        max_retries: int = 1) -> MpExecutorFactory:
+                        memory_per_worker: int | str | None = None, oversubscribe: bool = False,
+                        start_method: str | None = None, max_retries: int = 1) -> MpExecutorFactory:
     """The worker-pool execution stack: clients sharded over pinned processes.
 
     The first four arguments mean what they mean for `local_executor_factory`
@@ -137,6 +138,9 @@ def mp_executor_factory(default_num_clients: int = 0, max_fanout: int = 100, ser
       devices: 'auto' (GPUs if any), 'cpu', 'gpu', or a list of GPU ids.
       workers_per_gpu: workers sharing one GPU.
       memory_per_worker: bytes or '2GB' for the memory bound (default 1 GiB).
+      oversubscribe: an explicit num_workers (or memory_per_worker) that the
+        available memory cannot hold is a ValueError before any process
+        starts; True starts them anyway, with a warning.
       start_method: 'loky' (default) or 'spawn'.
       max_retries: times a call is retried on a fresh worker after a worker
         process dies (computations are functional, so the retry gives the
@@ -145,5 +149,6 @@ def mp_executor_factory(default_num_clients: int = 0, max_fanout: int = 100, ser
     return MpExecutorFactory(
         default_num_clients, max_fanout, server_device, client_devices, num_workers=num_workers,
         threads_per_worker=threads_per_worker, devices=devices, workers_per_gpu=workers_per_gpu,
-        memory_per_worker=memory_per_worker, start_method=start_method, max_retries=max_retries,
+        memory_per_worker=memory_per_worker, oversubscribe=oversubscribe, start_method=start_method,
+        max_retries=max_retries,
     )

@@ -3,7 +3,7 @@
     mp-executors run [--dataset synthetic|digits|PATH.npz] [--clients N] [--clients-per-round K]
                      [--rounds R] [--model logreg|mlp] [--local-steps S | --local-epochs E]
                      [--batch-size B] [--lr LR] [--seed S] [--executor mp|local|ray]
-                     [--workers auto|N] [--out DIR] ...
+                     [--workers auto|N] [--memory-per-worker SIZE] [--oversubscribe] [--out DIR] ...
 
 It builds the factory the flags ask for, runs `program.run_fedavg` with a progress display,
 writes the outputs (`outputs.write_outputs`) and prints the summary table. The argument
@@ -85,6 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="worker processes (mp/ray; default: auto, sized from the clients and the machine)")
     r.add_argument("--threads-per-worker", type=int, default=None, metavar="N",
                    help="TensorFlow threads (and CPUs) per worker (mp)")
+    r.add_argument("--memory-per-worker", default=None, metavar="SIZE",
+                   help="memory budget per worker, e.g. 2GB or 512MiB (mp/ray; default: 1 GiB): sizes the pool, and "
+                   "--workers beyond what the available memory holds at this budget is refused")
+    r.add_argument("--oversubscribe", action="store_true",
+                   help="start --workers even beyond what the available memory holds (they may run out of memory)")
     r.add_argument("--devices", default="auto", metavar="auto|cpu|gpu|0,1",
                    help="where mp workers run (default: auto)")
     o = p.add_argument_group("outputs")
@@ -138,25 +143,34 @@ def _flag_names(message: str) -> str:
             .replace("the Dirichlet concentration", "--dirichlet-alpha"))
 
 
+def _sizing(args: argparse.Namespace) -> dict[str, Any]:
+    """The pool-sizing flags that were given, as keyword arguments of the mp and ray factories."""
+    kwargs: dict[str, Any] = {}
+    if args.workers is not None:
+        kwargs["num_workers"] = args.workers
+    if args.memory_per_worker is not None:
+        kwargs["memory_per_worker"] = args.memory_per_worker
+    if args.oversubscribe:
+        kwargs["oversubscribe"] = True
+    return kwargs
+
+
 def make_factory(args: argparse.Namespace) -> Any:
+    """The factory the flags ask for; JobError (argument names as in Python) before any process starts."""
     import mp_executors as mpx  # noqa: PLC0415
 
     if args.executor == "local":
         return mpx.local_executor_factory()
-    if args.executor == "ray":
-        kwargs = {} if args.workers is None else {"num_workers": args.workers}
-        try:
-            return _ray_executor_factory()(**kwargs)
-        except ImportError as e:  # Ray is an optional extra
-            raise JobError(f"--executor ray: {e}") from None
-        except ValueError as e:
-            raise JobError(str(e).replace("num_workers", "--workers")) from None
     try:
-        return mpx.mp_executor_factory(num_workers=args.workers, threads_per_worker=args.threads_per_worker,
-                                       devices=args.devices)
-    except ValueError as e:
-        raise JobError(str(e).replace("num_workers", "--workers").replace("threads_per_worker", "--threads-per-worker")
-                       .replace("devices", "--devices")) from None
+        if args.executor == "ray":
+            try:
+                return _ray_executor_factory()(**_sizing(args))
+            except ImportError as e:  # Ray is an optional extra
+                raise JobError(f"--executor ray: {e}") from None
+        return mpx.mp_executor_factory(threads_per_worker=args.threads_per_worker, devices=args.devices,
+                                       **_sizing(args))
+    except ValueError as e:  # sizing: bad values, or more workers than memory holds
+        raise JobError(str(e)) from None
 
 
 def _ray_executor_factory() -> Any:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from mp_executors.machine import format_bytes
 from mp_executors.simulation.program import RoundRecord, RunResult
 
 METRIC_KEYS = ("local_loss", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
@@ -63,14 +64,6 @@ class MemorySampler:
     def to_dict(self) -> dict[str, int]:
         return {"peak_parent_rss": self.peak_parent, "peak_workers_rss": self.peak_workers,
                 "peak_total_rss": self.peak_total}
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
 
 
 # --------------------------------------------------------------------------- progress

@@ -22,7 +22,6 @@ One round (`train_round`):
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -252,10 +251,3 @@ def run_fedavg(
 def config_dict(model: models.ModelSpec, data: datasets.DatasetSpec, cfg: FedAvgConfig) -> dict:
     """Everything that determines the numbers of a run."""
     return {"dataset": asdict(data), "model": asdict(model), "fedavg": asdict(cfg)}
-
-
-def steps_per_round(data: datasets.DatasetSpec, cfg: FedAvgConfig) -> int:
-    """An upper bound on the SGD steps of one client in one round."""
-    if cfg.local_steps is not None:
-        return cfg.local_steps
-    return cfg.local_epochs * math.ceil(data.split_sizes[0] / cfg.batch_size)

@@ -44,7 +44,7 @@ import psutil
 import ray
 import ray.exceptions
 
-from mp_executors.resources import WorkerSlot
+from mp_executors.planning import WorkerSlot
 from mp_executors.workers import worker
 from mp_executors.workers.pool import WorkerPool
 
@@ -93,7 +93,6 @@ class RayWorkerSlot:
     def __init__(self, slot: WorkerSlot, options: dict[str, Any]):
         self.slot = slot
         env = dict(slot.env())
-        env["MP_EXECUTORS_WORKER_CPUS"] = ""  # not pinned: Ray places the actor
         uses_gpu = bool(options.get("num_gpus"))
         self.actor = _actor_class().options(**options).remote(slot.index, env, uses_gpu)
         self.options = options

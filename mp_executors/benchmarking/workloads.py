@@ -1,8 +1,8 @@
-"""The FACTS.md benchmark workloads, packaged so that `mp-executors bench` runs from an install.
+"""The FACTS.md benchmark workloads, shared by `mp-executors bench` and `benchmarks/`.
 
-The same definitions as `benchmarks/workloads.py` (the scripts' copy, which this project's
-benchmark scripts import); `tests/test_bench.py` checks that the two trace to the same graphs,
-so they cannot drift apart silently.
+The one definition of each workload: the suite, `benchmarks/pool_targets.py` and the
+peer's script (`benchmarks/peers/tff_workloads.py`, written with TFF's API, whose client
+data is generated exactly like `make_client`) measure the same thing.
 
 "FedAvg": a 784->10 softmax regression; each client holds 100 examples x 784
 features; a client update is 5 full-batch gradient steps with lr 0.1; the

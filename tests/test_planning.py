@@ -1,4 +1,4 @@
-"""Tests for mp_executors.resources: machine detection, pool planning, client sharding."""
+"""Tests for mp_executors.planning: pool bounds, overrides, the memory refusal, slots, memory sizes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import collections
 import json
 import logging
 import os
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,19 +13,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mp_executors.resources import (
+import mp_executors as mpx
+from mp_executors import cli, planning
+from mp_executors.machine import Machine, detect_machine
+from mp_executors.planning import (
     DEFAULT_MEMORY_PER_WORKER,
-    Machine,
     PoolPlan,
     WorkerSlot,
-    cgroup_cpu_quota,
-    cgroup_memory_limit,
-    detect_gpus,
-    detect_machine,
-    limit_cpus_by_quota,
     parse_memory,
     plan_pool,
-    split_clients,
 )
 
 GiB = 1024**3
@@ -43,6 +38,12 @@ def fake_machine(cpus: int = 8, available: int = 64 * GiB, gpus=(), total: int |
         available_memory=available,
         gpus=tuple(gpus),
     )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch):
+    # Each sizing warning is logged once per process; every test starts afresh.
+    monkeypatch.setattr(planning, "_warned", set())
 
 
 # --------------------------------------------------------------------------
@@ -136,15 +137,6 @@ def test_num_workers_override_capped_at_clients():
     assert any("capped" in n for n in plan.notes)
     # Threads are shared among the workers that actually run.
     assert plan.threads_per_worker == 16 // 3
-
-
-def test_num_workers_override_beyond_memory_warns(caplog):
-    m = fake_machine(cpus=8, available=2 * GiB)
-    with caplog.at_level(logging.WARNING, logger="mp_executors"):
-        plan = plan_pool(100, num_workers=6, machine=m)
-    assert plan.num_workers == 6
-    assert any("memory" in n for n in plan.notes)
-    assert caplog.records
 
 
 def test_threads_per_worker_override():
@@ -345,35 +337,9 @@ def test_slot_env():
         "OMP_NUM_THREADS": "2",
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "TF_FORCE_GPU_ALLOW_GROWTH": "true",
-        "MP_EXECUTORS_WORKER_SLOT": "3",
-        "MP_EXECUTORS_WORKER_CPUS": "4,5",
     }
     g = WorkerSlot(index=0, cpus=(0,), intra_op_threads=1, inter_op_threads=1, gpu="1")
     assert g.env()["CUDA_VISIBLE_DEVICES"] == "1"
-
-
-def test_slot_pin_in_a_fresh_process():
-    cpu = sorted(psutil.Process().cpu_affinity())[-1]
-    code = f"""
-import json, os, sys, psutil
-from mp_executors.resources import WorkerSlot
-WorkerSlot(index=1, cpus=({cpu},), intra_op_threads=1, inter_op_threads=1).pin()
-print(json.dumps({{"aff": psutil.Process().cpu_affinity(),
-                   "slot": os.environ["MP_EXECUTORS_WORKER_SLOT"],
-                   "cuda": os.environ["CUDA_VISIBLE_DEVICES"],
-                   "tf": "tensorflow" in sys.modules}}))
-"""
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        env=_env_with_repo(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    got = json.loads(out)
-    assert got == {"aff": [cpu], "slot": "1", "cuda": "", "tf": False}
 
 
 def _env_with_repo() -> dict[str, str]:
@@ -385,8 +351,8 @@ def _env_with_repo() -> dict[str, str]:
 def test_planning_does_not_import_tensorflow():
     code = (
         "import sys\n"
-        "import mp_executors.resources as r, mp_executors.cli\n"
-        "print(r.plan_pool(10).num_workers)\n"
+        "import mp_executors.planning as p, mp_executors.cli\n"
+        "print(p.plan_pool(10).num_workers)\n"
         "print('tensorflow' in sys.modules)\n"
     )
     out = subprocess.run(
@@ -429,28 +395,6 @@ def test_plan_str_and_to_dict():
     # Plans are values: equal for equal inputs, and hashable (e.g. as cache keys).
     again = plan_pool(50, machine=m, workers_per_gpu=2, memory_per_worker="2GB")
     assert again == plan and hash(again) == hash(plan)
-
-
-def test_machine_describe():
-    text = fake_machine(cpus=4, gpus=("0",)).describe()
-    assert "4 usable" in text and "0-3" in text and "GPUs: 1" in text
-    assert "GPUs: none" in fake_machine(cpus=2).describe()
-
-
-def test_machine_normalises_hand_built_values():
-    m = Machine(
-        usable_cpus=range(3),
-        logical_cpus=3,
-        physical_cores=3,
-        total_memory=GiB,
-        available_memory=GiB,
-        gpus=[0, 1],
-    )
-    assert m.usable_cpus == (0, 1, 2) and m.gpus == ("0", "1")
-    with pytest.raises(ValueError):
-        Machine(
-            usable_cpus=(), logical_cpus=1, physical_cores=1, total_memory=1, available_memory=1
-        )
 
 
 # --------------------------------------------------------------------------
@@ -512,207 +456,140 @@ def test_parse_memory_rejects(bad):
         parse_memory(bad)
 
 
-# --------------------------------------------------------------------------
-# Detection
-# --------------------------------------------------------------------------
-
-
-def test_detect_machine_on_this_machine():
-    m = detect_machine()
-    assert m.usable_cpus
-    assert set(m.usable_cpus) <= set(psutil.Process().cpu_affinity())
-    assert len(m.usable_cpus) <= m.logical_cpus
-    assert 1 <= m.physical_cores <= m.logical_cpus
-    assert 0 <= m.available_memory <= m.total_memory
-    assert m.total_memory > 0
-    assert all(isinstance(g, str) for g in m.gpus)
-    assert isinstance(m.describe(), str) and "CPUs" in m.describe()
-    # And planning for it works with the real machine.
+def test_planning_this_machine():
     plan = plan_pool(1000)
     assert 1 <= plan.num_workers <= len(plan.machine.usable_cpus)
 
 
-def test_limit_cpus_by_quota():
-    aff = (0, 1, 2, 3, 4, 5, 6, 7)
-    assert limit_cpus_by_quota(aff, None) == aff
-    assert limit_cpus_by_quota(aff, 8.0) == aff
-    assert limit_cpus_by_quota(aff, 16.0) == aff
-    assert limit_cpus_by_quota(aff, 2.0) == (0, 1)
-    assert limit_cpus_by_quota(aff, 2.5) == (0, 1, 2)
-    assert limit_cpus_by_quota(aff, 0.1) == (0,)
-    assert limit_cpus_by_quota((3, 9), 1.0) == (3,)
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
-def test_cgroup_v2_cpu_quota(tmp_path):
-    root = tmp_path / "cgroup"
-    proc = tmp_path / "proc_cgroup"
-    _write(proc, "0::/user.slice/job\n")
-    _write(root / "user.slice" / "job" / "cpu.max", "max 100000\n")
-    _write(root / "user.slice" / "cpu.max", "250000 100000\n")  # an ancestor's limit applies
-    assert cgroup_cpu_quota(str(root), str(proc)) == 2.5
-    _write(root / "user.slice" / "job" / "cpu.max", "100000 100000\n")
-    assert cgroup_cpu_quota(str(root), str(proc)) == 1.0
-    _write(root / "user.slice" / "job" / "cpu.max", "max 100000\n")
-    _write(root / "user.slice" / "cpu.max", "max 100000\n")
-    assert cgroup_cpu_quota(str(root), str(proc)) is None
-
-
-def test_cgroup_v1_cpu_quota(tmp_path):
-    root = tmp_path / "cgroup"
-    proc = tmp_path / "proc_cgroup"
-    _write(proc, "4:memory:/x\n2:cpu,cpuacct:/\n")
-    _write(root / "cpu,cpuacct" / "cpu.cfs_quota_us", "-1\n")
-    _write(root / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
-    assert cgroup_cpu_quota(str(root), str(proc)) is None
-    _write(root / "cpu,cpuacct" / "cpu.cfs_quota_us", "300000\n")
-    assert cgroup_cpu_quota(str(root), str(proc)) == 3.0
-
-
-def test_cgroup_missing_files(tmp_path):
-    assert cgroup_cpu_quota(str(tmp_path / "nothing"), str(tmp_path / "nope")) is None
-    assert cgroup_memory_limit(str(tmp_path / "nothing"), str(tmp_path / "nope")) == (None, None)
-
-
-def test_cgroup_memory_limit(tmp_path):
-    root = tmp_path / "cgroup"
-    proc = tmp_path / "proc_cgroup"
-    _write(proc, "0::/job\n")
-    _write(root / "job" / "memory.max", f"{2 * GiB}\n")
-    _write(root / "job" / "memory.current", f"{GiB // 2}\n")
-    assert cgroup_memory_limit(str(root), str(proc)) == (2 * GiB, GiB // 2)
-    _write(root / "job" / "memory.max", "max\n")
-    assert cgroup_memory_limit(str(root), str(proc)) == (None, None)
-    # cgroup v1 says "unlimited" with a huge number
-    _write(proc, "4:memory:/\n")
-    _write(root / "memory" / "memory.limit_in_bytes", "9223372036854771712\n")
-    assert cgroup_memory_limit(str(root), str(proc)) == (None, None)
-
-
-@pytest.mark.parametrize(
-    "visible, expected",
-    [
-        ("", ()),
-        ("-1", ()),
-        ("0", ("0",)),
-        ("0,1", ("0", "1")),
-        (" 2 , 3 ", ("2", "3")),
-        ("2,-1,3", ("2",)),  # CUDA stops at the first invalid id
-        ("GPU-8c1b4f2e", ("GPU-8c1b4f2e",)),
-    ],
-)
-def test_detect_gpus_honours_cuda_visible_devices(visible, expected, tmp_path):
-    # A /proc dir with 4 GPUs is present but CUDA_VISIBLE_DEVICES wins.
-    proc = tmp_path / "gpus"
-    for i in range(4):
-        (proc / f"0000:0{i}:00.0").mkdir(parents=True)
-    assert detect_gpus({"CUDA_VISIBLE_DEVICES": visible}, str(proc), None) == expected
-
-
-def test_detect_gpus_from_proc(tmp_path):
-    proc = tmp_path / "gpus"
-    for bus in ("0000:3b:00.0", "0000:af:00.0"):
-        (proc / bus).mkdir(parents=True)
-    assert detect_gpus({}, str(proc), None) == ("0", "1")
-    assert detect_gpus({}, str(tmp_path / "missing"), None) == ()
-
-
-def _script(path: Path, body: str) -> str:
-    path.write_text("#!/bin/sh\n" + body)
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
-    return str(path)
-
-
-def test_detect_gpus_from_nvidia_smi(tmp_path):
-    missing = str(tmp_path / "missing")
-    smi = _script(
-        tmp_path / "nvidia-smi",
-        "echo 'GPU 0: NVIDIA A100 (UUID: GPU-aaa)'\necho 'GPU 1: NVIDIA A100 (UUID: GPU-bbb)'\n",
-    )
-    assert detect_gpus({}, missing, smi) == ("0", "1")
-    failing = _script(tmp_path / "smi-fails", "echo 'NVIDIA-SMI has failed' >&2\nexit 9\n")
-    assert detect_gpus({}, missing, failing) == ()
-    assert detect_gpus({}, missing, str(tmp_path / "no-such-binary")) == ()
-
-
-def test_detect_gpus_this_machine_matches_environment():
-    gpus = detect_gpus()
-    assert isinstance(gpus, tuple) and all(isinstance(g, str) for g in gpus)
-    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
-        assert gpus == ()
-
-
 # --------------------------------------------------------------------------
-# split_clients
+# Memory is a hard bound for explicit choices (issue 9, item 7)
 # --------------------------------------------------------------------------
 
 
-def _check_split(n: int, w: int, b: int) -> None:
-    shards = split_clients(n, w, b)
-    num_blocks = -(-n // b)
-    assert len(shards) == min(w, num_blocks), (n, w, b, shards)
-    if n == 0:
-        assert shards == []
-        return
-    # contiguous, covering [0, n), never empty
-    assert shards[0][0] == 0 and shards[-1][1] == n
-    for (_, e0), (s1, _) in zip(shards, shards[1:]):
-        assert e0 == s1
-    assert all(start < stop for start, stop in shards)
-    # every boundary is on a block boundary (the final stop is n)
-    for start, stop in shards:
-        assert start % b == 0
-        assert stop == n or stop % b == 0
-    # balanced in blocks, earlier shards get the extra block
-    blocks = [-(-(stop - start) // b) for start, stop in shards]
-    assert sum(blocks) == num_blocks
-    assert max(blocks) - min(blocks) <= 1
-    assert blocks == sorted(blocks, reverse=True)
+def test_num_workers_beyond_memory_is_refused_naming_the_bound_and_the_overrides():
+    m = fake_machine(cpus=8, available=2 * GiB)
+    with pytest.raises(ValueError) as exc:
+        plan_pool(100, num_workers=6, machine=m)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert "num_workers=6" in msg and "at most 2 workers" in msg  # the bound
+    assert "2.0 GiB available / 1.0 GiB per worker" in msg and "6.0 GiB" in msg  # its numbers
+    assert "num_workers=2 or fewer" in msg and "memory_per_worker" in msg and "oversubscribe=True" in msg
+    # The ways out it names do work.
+    assert plan_pool(100, num_workers=2, machine=m).num_workers == 2
+    assert plan_pool(100, num_workers=6, memory_per_worker="300MiB", machine=m).num_workers == 6
+    # A bound of clients comes first: 6 workers for 2 clients is 2 workers, which fit.
+    assert plan_pool(2, num_workers=6, machine=m).num_workers == 2
 
 
-def test_split_clients_properties():
-    for n in range(0, 70):
-        for w in range(1, 12):
-            for b in range(1, 12):
-                _check_split(n, w, b)
-    for n, w, b in [
-        (10_000, 7, 64),
-        (10_001, 64, 1),
-        (1000, 3, 1000),
-        (999, 1000, 1),
-        (12345, 17, 10),
-    ]:
-        _check_split(n, w, b)
+def test_oversubscribe_plans_beyond_memory_with_a_note_and_one_warning(caplog):
+    m = fake_machine(cpus=8, available=2 * GiB)
+    with caplog.at_level(logging.WARNING, logger="mp_executors"):
+        plan = plan_pool(100, num_workers=6, oversubscribe=True, machine=m)
+        again = plan_pool(100, num_workers=6, oversubscribe=True, machine=m)
+    assert plan.num_workers == again.num_workers == 6 and len(plan.slots) == 6
+    assert any("oversubscribe=True" in n and "memory bound (2)" in n for n in plan.notes)
+    warnings = [r.getMessage() for r in caplog.records if "memory allows only 2" in r.getMessage()]
+    assert len(warnings) == 1  # a factory re-plans on every call: said once
 
 
-def test_split_clients_examples():
-    assert split_clients(10, 2, 1) == [(0, 5), (5, 10)]
-    assert split_clients(10, 3, 1) == [(0, 4), (4, 7), (7, 10)]
-    assert split_clients(10, 3, 4) == [(0, 4), (4, 8), (8, 10)]  # last block short
-    assert split_clients(10, 2, 4) == [(0, 8), (8, 10)]  # 3 blocks: 2 + 1
-    assert split_clients(10, 5, 4) == [(0, 4), (4, 8), (8, 10)]  # fewer blocks than workers
-    assert split_clients(3, 8, 1) == [(0, 1), (1, 2), (2, 3)]
-    assert split_clients(5, 1, 2) == [(0, 5)]
-    assert split_clients(0, 4, 2) == []
+def test_memory_per_worker_above_available_memory_is_refused():
+    m = fake_machine(cpus=8, available=2 * GiB)
+    with pytest.raises(ValueError, match=r"memory_per_worker='4GiB' \(4.0 GiB\) is more than the 2.0 GiB") as exc:
+        plan_pool(10, memory_per_worker="4GiB", machine=m)
+    assert "oversubscribe=True" in str(exc.value) and "at most 2.0 GiB" in str(exc.value)
+    plan = plan_pool(10, memory_per_worker="4GiB", oversubscribe=True, machine=m)
+    assert plan.num_workers == 1
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        (10, 0, 1),
-        (10, -1, 1),
-        (10, 2, 0),
-        (10, 2, -3),
-        (-1, 2, 1),
-        (10, 2.0, 1),
-        (10.0, 2, 1),
-        (10, True, 1),
-    ],
-)
-def test_split_clients_rejects_bad_arguments(args):
-    with pytest.raises(ValueError):
-        split_clients(*args)
+def test_cpu_oversubscription_stays_allowed_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="mp_executors"):
+        plan = plan_pool(100, num_workers=5, machine=fake_machine(cpus=2))
+    assert plan.num_workers == 5
+    assert any("share CPUs" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_oversubscribe_must_be_a_bool(bad):
+    with pytest.raises(ValueError, match=f"oversubscribe={bad!r} is invalid"):
+        plan_pool(10, oversubscribe=bad, machine=fake_machine())
+
+
+def _children() -> set[int]:
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _beyond_this_machine() -> int:
+    """A worker count well beyond what this machine's available memory holds."""
+    return 2 * (detect_machine().available_memory // DEFAULT_MEMORY_PER_WORKER) + 10
+
+
+def test_factories_refuse_num_workers_beyond_memory_before_any_process_starts():
+    before = _children()
+    n = _beyond_this_machine()
+    with pytest.raises(ValueError, match=rf"num_workers={n} is more than this machine's memory holds") as exc:
+        mpx.mp_executor_factory(num_workers=n)
+    assert "oversubscribe=True" in str(exc.value)
+    assert _children() == before
+    # Deliberately: the factory is made (its pool starts on the first call only).
+    with mpx.mp_executor_factory(num_workers=n, oversubscribe=True) as factory:
+        assert factory.plan(1).num_workers == n
+    assert _children() == before
+
+
+def test_a_running_pool_counts_its_own_workers_memory_when_re_planned(monkeypatch):
+    # A pool at its memory bound holds memory once it runs, which the next machine
+    # reading no longer sees as available: its own workers must not make it refuse itself.
+    import mp_executors.factories.mp as mp_factory
+
+    real = detect_machine()
+    readings = {"available": 2 * GiB}  # memory for exactly 2 workers of 1 GiB, when the pool starts
+
+    def reading() -> Machine:
+        return Machine(usable_cpus=real.usable_cpus, logical_cpus=real.logical_cpus,
+                       physical_cores=real.physical_cores, total_memory=64 * GiB,
+                       available_memory=readings["available"])
+
+    monkeypatch.setattr(mp_factory, "detect_machine", reading)
+    f32 = mpx.TensorType("float32")
+
+    @mpx.federated_computation(mpx.FederatedType(f32, mpx.CLIENTS))
+    def total(xs):
+        return mpx.federated_sum(xs)
+
+    with mpx.mp_executor_factory(num_workers=2, memory_per_worker="1GiB") as factory:
+        factory.MACHINE_READING_SECONDS = 0.0  # read the machine at every call
+        with mpx.execution_context(factory):
+            assert total([1.0, 2.0, 3.0]) == 6.0
+            pids = factory.pool.pids()
+            assert len(pids) == 2
+            # What a reading now sees: the workers' memory is no longer available.
+            held = sum(psutil.Process(pid).memory_info().rss for pid in pids)
+            readings["available"] = 2 * GiB - held
+            assert factory.plan(3).num_workers == 2
+            assert total([1.0, 2.0, 3.0, 4.0]) == 10.0
+            assert sorted(factory.pool.pids()) == sorted(pids)  # the same workers served it
+    # Memory held by anything else still counts: a third worker is refused.
+    with pytest.raises(ValueError, match="at most 2 workers"):
+        mpx.mp_executor_factory(num_workers=3, memory_per_worker="1GiB")
+
+
+@pytest.mark.parametrize("command", ["run", "info"])
+def test_cli_refuses_workers_beyond_memory_in_one_line(command, tmp_path, capsys):
+    before = _children()
+    n = _beyond_this_machine()
+    extra = ["--rounds", "1", "--clients", "4", "--no-plots", "--out", str(tmp_path / "o")] if command == "run" else []
+    assert cli.main([command, "--workers", str(n), *extra]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"--workers={n} is more than this machine's memory holds" in err
+    assert "--oversubscribe" in err and "--memory-per-worker" in err and "Traceback" not in err
+    assert _children() == before
+    assert not (tmp_path / "o").exists()
+
+
+def test_info_oversubscribe_prints_the_plan(capsys):
+    n = _beyond_this_machine()
+    assert cli.main(["info", "--clients", str(n), "--workers", str(n), "--oversubscribe", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["num_workers"] == n and any("oversubscribe=True" in note for note in plan["notes"])

@@ -1,4 +1,4 @@
-"""`mp-executors bench`: the scaling suite (JSON + PNG plots + a markdown table).
+"""The scaling suite behind `mp-executors bench` (JSON + PNG plots + markdown tables).
 
     mp-executors bench [--quick] [--out DIR] [--rounds R] [--peer auto|off] [--peer-venv DIR]
 
@@ -39,13 +39,15 @@ overhead_scaling.png, main_scaling.png, workers_scaling.png (when matplotlib is 
 
 from __future__ import annotations
 
+import argparse
+import ctypes
 import gc
+import importlib.util
 import json
 import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +56,11 @@ from typing import Any
 
 import numpy as np
 import psutil
+
+import mp_executors as mpx
+from mp_executors._tf import tf  # the quiet import (TensorFlow's start-up lines silenced)
+from mp_executors.benchmarking import workloads as W
+from mp_executors.simulation import datasets, job, models, program
 
 FEDAVG_RUNTIMES = ("floor", "local", "mp", "mp-resident", "ray", "tff")
 OVERHEAD_RUNTIMES = ("local", "mp", "ray", "tff")
@@ -146,17 +153,12 @@ class Suite:
                  f"(min {row['min']:.4f}, max {row['max']:.4f})")
 
     def mp_factory(self):
-        import mp_executors as mpx  # noqa: PLC0415
-
         if self._mp is None:
             self._mp = mpx.mp_executor_factory()
         return self._mp
 
     def ray(self) -> None:
         """FedAvg (data passed) and overhead on Ray, when `ray` is importable; else a note."""
-        import mp_executors as mpx  # noqa: PLC0415
-        from mp_executors.simulation import workloads as W  # noqa: PLC0415
-
         factory = _ray_factory()
         if factory is None:
             self.cfg.notes.append("ray not measured: Ray is not installed (pip install 'mp_executors[ray]')")
@@ -186,9 +188,6 @@ class Suite:
     # ------------------------------------------------------------------ workloads
 
     def fedavg(self) -> None:
-        import mp_executors as mpx  # noqa: PLC0415
-        from mp_executors.simulation import workloads as W  # noqa: PLC0415
-
         for n in self.cfg.fedavg_clients:
             rounds = self.cfg.rounds_for(n)
             self.log(f"FedAvg, {n} clients, {rounds} rounds")
@@ -222,8 +221,6 @@ class Suite:
 
     def _fits(self, clients: int, copies: float, what: str) -> bool:
         """Whether `copies` copies of `clients` FedAvg clients fit in 80% of available memory."""
-        from mp_executors.simulation import workloads as W  # noqa: PLC0415
-
         need = clients * W.EXAMPLES * (W.FEATURES + 1) * 4 * copies
         available = psutil.virtual_memory().available
         if need <= 0.8 * available:
@@ -235,9 +232,6 @@ class Suite:
 
     @staticmethod
     def _floor(n: int, rounds: int) -> dict:
-        from mp_executors._tf import tf  # noqa: PLC0415
-        from mp_executors.simulation import workloads as W  # noqa: PLC0415
-
         # Filled in place (not stacked from a list of clients): one big allocation that goes
         # back to the OS when freed, instead of n small ones that stay in malloc's heap.
         xs = np.empty((n, W.EXAMPLES, W.FEATURES), np.float32)
@@ -251,9 +245,6 @@ class Suite:
         return measure(lambda: [t.numpy() for t in run(m0["w"], m0["b"], xs, ys)], rounds)
 
     def _fedavg_rounds(self, factory, data, rounds: int) -> dict:
-        import mp_executors as mpx  # noqa: PLC0415
-        from mp_executors.simulation import workloads as W  # noqa: PLC0415
-
         state = {"model": W.initial_model()}
 
         def one_round():
@@ -263,9 +254,6 @@ class Suite:
             return measure(one_round, rounds, factory)
 
     def overhead(self) -> None:
-        import mp_executors as mpx  # noqa: PLC0415
-        from mp_executors.simulation import workloads as W  # noqa: PLC0415
-
         for n in self.cfg.overhead_clients:
             rounds = self.cfg.rounds
             self.log(f"federated_sum, {n} clients, {rounds} rounds")
@@ -279,8 +267,6 @@ class Suite:
 
     def main(self) -> None:
         """One round of the main job's program (synthetic, logreg, defaults), data resident."""
-        import mp_executors as mpx  # noqa: PLC0415
-
         for n in self.cfg.main_clients:
             rounds = self.cfg.rounds_for(n)
             self.log(f"main job round (synthetic, logreg), {n} clients, {rounds} rounds")
@@ -291,9 +277,6 @@ class Suite:
             mp.clean_up_executor({mpx.CLIENTS: n})
 
     def workers(self) -> None:
-        import mp_executors as mpx  # noqa: PLC0415
-        from mp_executors.simulation import workloads as W  # noqa: PLC0415
-
         n, rounds = self.cfg.workers_clients, self.cfg.rounds
         for w in self.cfg.workers:
             self.log(f"FedAvg, {n} resident clients, {w} worker(s), {rounds} rounds")
@@ -336,11 +319,6 @@ def _main_rounds(factory: Any, clients: int, rounds: int) -> dict:
     each round is `program.build_computations(...).train_round` over the dataset's ClientData,
     exactly as `program.run_fedavg` calls it (without its evaluations).
     """
-    import argparse  # noqa: PLC0415
-
-    import mp_executors as mpx  # noqa: PLC0415
-    from mp_executors.simulation import datasets, job, models, program  # noqa: PLC0415
-
     parser = argparse.ArgumentParser()
     job.add_arguments(parser)
     model, data, cfg = job.specs_from_args(parser.parse_args(
@@ -360,12 +338,8 @@ def _main_rounds(factory: Any, clients: int, rounds: int) -> dict:
 
 def _ray_factory() -> Any:
     """A 2-actor `mpx.ray_executor_factory`, or None when Ray is not installed."""
-    import importlib.util  # noqa: PLC0415
-
     if importlib.util.find_spec("ray") is None:
         return None
-    import mp_executors as mpx  # noqa: PLC0415
-
     return mpx.ray_executor_factory(num_workers=RAY_WORKERS)
 
 
@@ -377,8 +351,6 @@ def _release_memory() -> None:
     """
     gc.collect()
     try:
-        import ctypes  # noqa: PLC0415
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
@@ -521,6 +493,8 @@ def markdown(doc: dict) -> str:
 
 def plots(doc: dict, out_dir: Path) -> list[str]:
     try:
+        # matplotlib is optional (the `bench` extra): imported only to draw, and its
+        # non-interactive backend must be chosen before pyplot is imported.
         import matplotlib  # noqa: PLC0415
 
         matplotlib.use("Agg")
@@ -572,19 +546,16 @@ def plots(doc: dict, out_dir: Path) -> list[str]:
 
 
 def machine() -> dict:
-    tf = sys.modules.get("tensorflow")
+    """The machine the numbers are measured on (recorded with them)."""
     return {"cpus": psutil.cpu_count(), "usable_cpus": len(psutil.Process().cpu_affinity()),
             "memory": psutil.virtual_memory().total, "python": platform.python_version(),
-            "tensorflow": getattr(tf, "__version__", None), "platform": platform.platform()}
+            "tensorflow": tf.__version__, "platform": platform.platform()}
 
 
 def run_suite(out_dir: Path, quick: bool = False, rounds: int | None = None, peer: str = "auto",
               peer_venv: Path | None = None, command: str = "mp-executors bench",
               log: Callable[[str], None] = print, ray: str = "auto") -> dict:
     """Runs the suite and writes bench.json, bench.md and the plots into `out_dir`."""
-    import mp_executors  # noqa: PLC0415, F401 - quiet TF import first
-    from mp_executors._tf import tf  # noqa: PLC0415, F401
-
     cfg = suite_config(quick, rounds)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
