@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mp_executors.checks import check_int
 from mp_executors.executors.client_shard import ClientDataCache
 from mp_executors.executors.eager_tf_executor import EagerTFExecutor
 from mp_executors.executors.federating_executor import FederatingExecutor, InProcessShard
@@ -24,8 +25,7 @@ from mp_executors.factories.base import CachingExecutorFactory
 
 
 def check_common_arguments(max_fanout: int, server_device, client_devices) -> None:
-    if not isinstance(max_fanout, int) or isinstance(max_fanout, bool) or max_fanout < 2:
-        raise ValueError(f"max_fanout must be an int >= 2, got {max_fanout!r}.")
+    check_int("max_fanout", max_fanout, minimum=2, fix="the most children of one aggregation level, e.g. 100")
     if server_device is not None and not isinstance(server_device, str):
         raise ValueError(f"server_device must be a device string such as '/CPU:0', got {server_device!r}.")
     if isinstance(client_devices, str) or not all(isinstance(d, str) for d in client_devices):
