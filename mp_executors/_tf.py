@@ -9,6 +9,7 @@ the first import redirects fd 2 to /dev/null for its duration. Set
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 
@@ -66,8 +67,6 @@ class _QuietTensorFlowImport:
         if name != "tensorflow":
             return None
         uninstall_import_hook()
-        import importlib.util  # noqa: PLC0415
-
         import_tensorflow()
         return importlib.util.spec_from_loader(name, _AlreadyImported())
 

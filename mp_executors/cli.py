@@ -5,7 +5,8 @@ help line, a function adding its arguments to its sub-parser, and a handler
 `(args) -> exit code`. To add one (e.g. `run`, `bench`), write those two
 functions and add an entry; import anything heavy (TensorFlow, the executors)
 inside the handler, not at the top of this module, so that `info` stays fast
-and never touches a GPU.
+and never touches a GPU. (The main job's module, `simulation.job`, is imported
+here: it and what it imports are TensorFlow-free until a computation runs.)
 
 Argument errors print one line to stderr and exit with code 2, no traceback.
 """
@@ -22,6 +23,7 @@ from typing import NamedTuple, NoReturn
 
 from mp_executors.machine import detect_machine, format_bytes
 from mp_executors.planning import DEFAULT_MEMORY_PER_WORKER, plan_pool
+from mp_executors.simulation import job
 
 PROG = "mp-executors"
 
@@ -146,15 +148,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    # Lazy, so that `info` never imports the simulation (numpy, the data layer).
-    from mp_executors.simulation import job  # noqa: PLC0415
-
     job.add_arguments(p)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mp_executors.simulation import job  # noqa: PLC0415 - see _add_run_arguments
-
     try:
         return job.run(args)
     except job.JobError as e:

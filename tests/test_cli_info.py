@@ -63,17 +63,18 @@ def test_info_json_respects_bounds(capsys):
     assert plan["binding"] == "clients"
 
 
-def test_info_as_a_module_subprocess():
+def _cli_subprocess(*args: str) -> subprocess.CompletedProcess:
+    """`python -m mp_executors.cli ARGS` in a fresh interpreter, from this checkout."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run(
-        [sys.executable, "-m", "mp_executors.cli", "info", "--clients", "10"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    return subprocess.run(
+        [sys.executable, "-m", "mp_executors.cli", *args], cwd=REPO, env=env, capture_output=True, text=True,
         timeout=60,
     )
+
+
+def test_info_as_a_module_subprocess():
+    proc = _cli_subprocess("info", "--clients", "10")
     assert proc.returncode == 0, proc.stderr
     assert "Worker pool plan" in proc.stdout
     assert "10 clients" in proc.stdout
@@ -123,16 +124,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, mentions, capsys):
 
 
 def test_bad_arguments_subprocess_exit_2():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run(
-        [sys.executable, "-m", "mp_executors.cli", "info", "--workers", "0"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _cli_subprocess("info", "--workers", "0")
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -401,6 +401,11 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _table_head(first: str, clients: list[int]) -> list[str]:
+    """The header and rule of a table with one column per client count."""
+    return ["| " + " | ".join([first, *(f"{n:,} clients" for n in clients)]) + " |", "|---|" + "---|" * len(clients)]
+
+
 def markdown(doc: dict) -> str:
     """The tables for README's performance section."""
     rows = doc["rows"]
@@ -417,8 +422,7 @@ def markdown(doc: dict) -> str:
     fed_n = sorted({r["clients"] for r in rows if r["workload"] == "fedavg"})
     if fed_n:
         lines += ["**FedAvg round** (784→10 softmax, 100 examples × 784 features per client, 5 steps):", "",
-                  "| runtime | " + " | ".join(f"{n:,} clients" for n in fed_n) + " |",
-                  "|---|" + "---|" * len(fed_n)]
+                  *_table_head("runtime", fed_n)]
         labels = {"floor": "plain TF, one graph, 1 process (floor)", "local": "mp_executors local",
                   "mp": "mp_executors mp, data passed each round", "mp-resident": "mp_executors mp, data resident (ClientData)",
                   "ray": f"mp_executors ray ({RAY_WORKERS} actors), data passed",
@@ -432,8 +436,7 @@ def markdown(doc: dict) -> str:
     if mem:
         lines += ["**Peak worker memory during FedAvg** (RSS summed over the worker processes; the "
                   "peer's is its C++ worker):", "",
-                  "| runtime | " + " | ".join(f"{n:,} clients" for n in fed_n) + " |",
-                  "|---|" + "---|" * len(fed_n)]
+                  *_table_head("runtime", fed_n)]
         for rt in ("mp", "mp-resident", "tff"):
             cells = {r["clients"]: r["memory"]["workers_rss"] for r in mem if r["runtime"] == rt}
             if cells:
@@ -444,8 +447,7 @@ def markdown(doc: dict) -> str:
     if ov_n:
         lines += ["**Runtime overhead**: `federated_sum` of one float per client, µs per client "
                   "(round time / clients):", "",
-                  "| runtime | " + " | ".join(f"{n:,} clients" for n in ov_n) + " |",
-                  "|---|" + "---|" * len(ov_n)]
+                  *_table_head("runtime", ov_n)]
         for rt in OVERHEAD_RUNTIMES:
             if any(r["workload"] == "overhead" and r["runtime"] == rt for r in rows):
                 cells = []
@@ -458,8 +460,7 @@ def markdown(doc: dict) -> str:
     if main_n:
         lines += ["**Main job round (synthetic, logreg)**: one training round of `mp-executors run` (FedProx "
                   "synthetic(1,1), 60→10 softmax, default settings: 10 local steps of batch 10), data resident:", "",
-                  "| runtime | " + " | ".join(f"{n:,} clients" for n in main_n) + " |",
-                  "|---|" + "---|" * len(main_n)]
+                  *_table_head("runtime", main_n)]
         for rt in MAIN_RUNTIMES:
             if any(r["workload"] == "main" and r["runtime"] == rt for r in rows):
                 lines.append(f"| {rt} | " + " | ".join(_fmt_s(_median(rows, "main", rt, n)) for n in main_n) + " |")
@@ -479,8 +480,7 @@ def markdown(doc: dict) -> str:
     if rat:
         ns = sorted({r["clients"] for r in rat})
         lines += ["**Ours / peer**: round time divided by TFF's at the same point (< 1: faster than TFF):", "",
-                  "| workload, runtime | " + " | ".join(f"{n:,} clients" for n in ns) + " |",
-                  "|---|" + "---|" * len(ns)]
+                  *_table_head("workload, runtime", ns)]
         for key in dict.fromkeys((r["workload"], r["ours"]) for r in rat):
             cells = {r["clients"]: r["ratio"] for r in rat if (r["workload"], r["ours"]) == key}
             lines.append(f"| {key[0]}, {key[1]} | " + " | ".join(

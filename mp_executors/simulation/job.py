@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mp_executors.simulation import datasets, models
-from mp_executors.simulation.program import DEFAULT_LOCAL_STEPS, DEFAULT_LR
+import mp_executors as mpx
+from mp_executors.simulation import datasets, models, outputs, program
+from mp_executors.simulation.program import DEFAULT_LOCAL_STEPS, DEFAULT_LR, FedAvgConfig
 
 EXECUTORS = ("mp", "local", "ray")
 DEFAULT_CLIENTS = 100
@@ -101,8 +102,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def specs_from_args(args: argparse.Namespace):
     """(ModelSpec, DatasetSpec, FedAvgConfig) from the flags; JobError on bad values."""
-    from mp_executors.simulation.program import FedAvgConfig  # noqa: PLC0415 - imports TF
-
     if args.clients is not None and args.clients < 1:
         raise JobError(f"--clients must be at least 1, got {args.clients}")
     if args.clients_per_round is not None and args.clients is not None and args.clients_per_round > args.clients:
@@ -157,8 +156,6 @@ def _sizing(args: argparse.Namespace) -> dict[str, Any]:
 
 def make_factory(args: argparse.Namespace) -> Any:
     """The factory the flags ask for; JobError (argument names as in Python) before any process starts."""
-    import mp_executors as mpx  # noqa: PLC0415
-
     if args.executor == "local":
         return mpx.local_executor_factory()
     try:
@@ -175,8 +172,6 @@ def make_factory(args: argparse.Namespace) -> Any:
 
 def _ray_executor_factory() -> Any:
     """`mpx.ray_executor_factory` (it raises ImportError, saying how to install Ray, without it)."""
-    import mp_executors as mpx  # noqa: PLC0415
-
     return mpx.ray_executor_factory
 
 
@@ -200,8 +195,6 @@ def runtime_info(args: argparse.Namespace, factory: Any) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """The `run` subcommand's handler; returns the exit code."""
-    from mp_executors.simulation import outputs, program  # noqa: PLC0415 - imports TF
-
     model, data, cfg = specs_from_args(args)
     if data.name == "digits":
         try:

@@ -83,7 +83,7 @@ def logits(spec: ModelSpec, params: list, x):
 
 def masked_sums(spec: ModelSpec, params: list, x, y, mask):
     """(sum of losses, number correct, number of examples), over real (mask 1) rows only."""
-    from mp_executors._tf import tf  # noqa: PLC0415
+    from mp_executors._tf import tf  # noqa: PLC0415 - as in `logits`
 
     out = logits(spec, params, x)
     losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+import mp_executors
 from mp_executors.machine import format_bytes
 from mp_executors.simulation.program import RoundRecord, RunResult
 
@@ -184,8 +185,6 @@ def build_metrics(
 
 
 def environment() -> dict:
-    import mp_executors  # noqa: PLC0415
-
     tf = sys.modules.get("tensorflow")
     return {
         "python": platform.python_version(), "platform": platform.platform(),
