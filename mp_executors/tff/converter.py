@@ -55,6 +55,7 @@ from mp_executors.core import building_blocks as bb
 from mp_executors.core import structure
 from mp_executors.core import tensorflow_computation as tfc
 from mp_executors.core import types as t
+from mp_executors.tff import graphs
 
 logger = logging.getLogger("mp_executors")
 
@@ -100,119 +101,6 @@ def convert_type(type_pb: pb.Type) -> t.Type:
     if which == "placement":
         return t.PlacementType()
     raise NotImplementedError(f"mp_executors.tff: TFF type kind {which!r} is not supported.")
-
-
-# --------------------------------------------------------------------------- TensorFlow leaves
-
-#: TensorFlow's `ResourceHandle::ANONYMOUS_NAME`: a VarHandleOp with this shared
-#: name creates a new variable each time it runs (what TF2 eager variables use).
-ANONYMOUS_NAME = b"cd2c89b7-88b7-44c8-ad83-06c2a9158347"
-
-
-def _binding_names(binding: pb.TensorFlow.Binding, type_spec: t.Type, what: str) -> list[str]:
-    """Tensor names of a binding, in our leaf order (`structure.flatten_type`)."""
-    kind = binding.WhichOneof("binding")
-    if kind == "tensor":
-        return [binding.tensor.tensor_name]
-    if kind == "sequence":
-        if binding.sequence.WhichOneof("binding") != "variant_tensor_name":
-            raise NotImplementedError(
-                f"mp_executors.tff: a {what} sequence bound as a serialized GraphDef tensor (TFF's legacy "
-                "binding) is not supported; re-trace the computation with a current TFF."
-            )
-        return [binding.sequence.variant_tensor_name]
-    if kind == "struct":
-        if not isinstance(type_spec, t.StructType) or len(type_spec) != len(binding.struct.element):
-            raise ConversionError(f"mp_executors.tff: a {what} binding does not match its type {type_spec}.")
-        names: list[str] = []
-        for element, element_type in zip(binding.struct.element, type_spec):
-            names += _binding_names(element, element_type, what)
-        return names
-    if kind is None and isinstance(type_spec, t.StructType) and not len(type_spec):
-        return []
-    raise ConversionError(f"mp_executors.tff: unknown {what} binding kind {kind!r}.")
-
-
-def _node_name(tensor_name: str) -> str:
-    return tensor_name.lstrip("^").split(":")[0]
-
-
-def _add_init_control_deps(graph_def, init_op: str) -> None:
-    """Makes `init_op` run before every node that does not feed it.
-
-    Ancestors of the initializer (the variables, their initial values) cannot
-    wait for it; nodes that already depend on it need nothing; placeholders
-    are fed.
-    """
-    inputs = {n.name: [_node_name(i) for i in n.input] for n in graph_def.node}
-    if init_op not in inputs:
-        raise ConversionError(f"mp_executors.tff: the graph has no initialize_op {init_op!r}.")
-    ancestors: set[str] = set()
-    stack = [init_op]
-    while stack:
-        for parent in inputs.get(stack.pop(), ()):
-            if parent not in ancestors:
-                ancestors.add(parent)
-                stack.append(parent)
-    children: dict[str, list[str]] = collections.defaultdict(list)
-    for name, parents in inputs.items():
-        for parent in parents:
-            children[parent].append(name)
-    descendants: set[str] = set()
-    stack = [init_op]
-    while stack:
-        for child in children.get(stack.pop(), ()):
-            if child not in descendants:
-                descendants.add(child)
-                stack.append(child)
-    for node in graph_def.node:
-        if node.name == init_op or node.name in ancestors or node.name in descendants or node.op == "Placeholder":
-            continue
-        node.input.append("^" + init_op)
-
-
-def _replace_session_token(graph_def, tensor_name: str) -> None:
-    name = _node_name(tensor_name)
-    for node in graph_def.node:
-        if node.name == name and node.op in ("Placeholder", "PlaceholderWithDefault"):
-            dtype = node.attr["dtype"].type
-            value = tf.make_tensor_proto("" if dtype == tf.string.as_datatype_enum else 0, dtype=tf.as_dtype(dtype))
-            node.op = "Const"
-            del node.input[:]
-            for key in list(node.attr):
-                del node.attr[key]
-            node.attr["dtype"].type = dtype
-            node.attr["value"].tensor.CopyFrom(value)
-            return
-
-
-def tensorflow_leaf(tf_pb: pb.TensorFlow, fn_type: t.FunctionType, name: str) -> bb.CompiledComputation:
-    """TFF's `tensorflow` node -> a CompiledComputation running the same graph."""
-    graph_def = tf.compat.v1.GraphDef()
-    if not tf_pb.graph_def.Unpack(graph_def):
-        raise ConversionError("mp_executors.tff: a tensorflow computation's graph_def is not a GraphDef.")
-    inputs = _binding_names(tf_pb.parameter, fn_type.parameter, "parameter") if tf_pb.HasField("parameter") else []
-    outputs = _binding_names(tf_pb.result, fn_type.result, "result")
-    if tf_pb.session_token_tensor_name:
-        _replace_session_token(graph_def, tf_pb.session_token_tensor_name)
-    for node in graph_def.node:
-        if node.op == "VarHandleOp":
-            node.attr["shared_name"].s = ANONYMOUS_NAME
-        elif node.op in ("VariableV2", "Variable"):
-            raise NotImplementedError(
-                "mp_executors.tff: TF1 reference variables (VariableV2) in a TFF graph are not supported; "
-                "use resource variables (TF2's default)."
-            )
-    if tf_pb.initialize_op:
-        _add_init_control_deps(graph_def, _node_name(tf_pb.initialize_op))
-    function = tfc.TensorFlowFunction(
-        name=name,
-        graph_def=graph_def.SerializeToString(),
-        input_names=tuple(inputs),
-        output_names=tuple(outputs),
-        type_signature=fn_type,
-    )
-    return bb.CompiledComputation(function)
 
 
 # --------------------------------------------------------------------------- helper TF computations
@@ -349,7 +237,7 @@ class _Converter:
             return bb.Data(value, type_spec)
         if which == "tensorflow":
             self.tf_leaves += 1
-            return tensorflow_leaf(comp.tensorflow, type_spec, f"{self.name}/tf{self.tf_leaves}")
+            return graphs.tensorflow_leaf(comp.tensorflow, type_spec, f"{self.name}/tf{self.tf_leaves}")
         if which == "xla":
             raise NotImplementedError(
                 f"mp_executors.tff: {self.name} contains an XLA (JAX) computation; only TensorFlow "
