@@ -17,6 +17,7 @@ import pytest
 import mp_executors as mpx
 from mp_executors import context
 from mp_executors.core import context_stack
+from mp_executors.factories.local import LocalExecutorFactory
 from mp_executors.factories.mp import MpExecutorFactory
 
 
@@ -30,9 +31,21 @@ def _sum_plus_one(xs):
     return mpx.federated_sum(mpx.federated_map(_add_one, xs))
 
 
-def _cached_client_counts(factory) -> set[int]:
-    """The client counts a caching factory has built executors for (what calls it served)."""
-    return {dict(key)["CLIENTS"] for key in factory._executors}
+class RecordingLocalFactory(LocalExecutorFactory):
+    """The real in-process factory, recording the client counts of the stacks it builds."""
+
+    def __init__(self):
+        super().__init__()
+        self.built: list[int] = []
+
+    def _build(self, num_clients: int):
+        self.built.append(num_clients)
+        return super()._build(num_clients)
+
+
+def _cached_client_counts(factory: RecordingLocalFactory) -> set[int]:
+    """The client counts of the calls this factory served."""
+    return set(factory.built)
 
 
 @pytest.fixture
@@ -69,7 +82,7 @@ def _run_threads(targets) -> list[BaseException]:
 
 
 def test_each_thread_runs_on_the_factory_of_its_own_with_block():
-    factories = [mpx.local_executor_factory(), mpx.local_executor_factory()]
+    factories = [RecordingLocalFactory(), RecordingLocalFactory()]
     counts = [3, 5]  # thread i calls with counts[i] clients: the factory's cache shows who it served
     barrier = threading.Barrier(2)
     results: dict[int, list[float]] = {0: [], 1: []}
@@ -135,25 +148,30 @@ def test_eight_threads_racing_for_the_default_create_it_once(no_default):
 # ------------------------------------------------------------------ (3) replaced defaults close
 
 
-def _worker_pids() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+def _alive(pids) -> set[int]:
+    alive = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 def test_replacing_a_default_the_library_made_closes_its_pool(no_default):
-    before = _worker_pids()
     pids_per_context = []
     contexts = []
     for _ in range(3):
         contexts.append(mpx.set_mp_execution_context(num_workers=1))
         assert float(_sum_plus_one([1.0, 2.0])) == 5.0
         pids_per_context.append(contexts[-1].executor_factory.pool.pids())
-    alive = _worker_pids() - before
+    everyone = {pid for pids in pids_per_context for pid in pids}
+    assert len(everyone) == 3
     # Only the current default's worker runs; the two replaced pools were closed.
-    assert alive == set(pids_per_context[-1]), (alive, pids_per_context)
-    assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-               for pids in pids_per_context[:-1] for pid in pids)
+    assert _alive(everyone) == set(pids_per_context[-1]), pids_per_context
     mpx.set_execution_context(mpx.local_executor_factory())  # replaces (and closes) the last one
-    assert not set(pids_per_context[-1]) & _worker_pids()
+    assert not _alive(everyone)
 
 
 def test_a_factory_the_user_passed_is_not_closed_when_replaced(no_default):
@@ -194,7 +212,7 @@ def test_two_factories_in_two_threads_with_many_calls():
 
 
 def test_asyncio_tasks_in_different_contexts_do_not_see_each_other():
-    factories = [mpx.local_executor_factory(), mpx.local_executor_factory()]
+    factories = [RecordingLocalFactory(), RecordingLocalFactory()]
     counts = [2, 7]
 
     async def task(i: int, started: asyncio.Event, other_started: asyncio.Event):
