@@ -569,18 +569,24 @@ class RemoteShard:
                 reply.set_exception(self.pool.crashed(slot, request.verb, (self.start, self.stop)))
                 return reply
             raise
-        # Submitted: the worker receives these functions before any later request.
+        # Submitted: the worker receives these functions before any later request
+        # (a request that failed to submit registered nothing).
         slot.known_functions.update(f.digest for f in new_functions)
         self.pool.requests += 1  # (the slot's idle clock starts when the reply is in: SlotUse)
-        self._settle_when_done(future, reply, request.verb, segments)
+        self._settle_when_done(future, reply, request.verb, segments, [f.digest for f in new_functions])
         return reply
 
     def _settle_when_done(self, future: Any, reply: asyncio.Future, phase: str,
-                          segments: transport.Segments | None) -> None:
+                          segments: transport.Segments | None, new_digests: list[str]) -> None:
         loop = reply.get_loop()
         slot = self.slot
 
         def settle() -> None:  # on the event loop
+            if new_digests and (future.cancelled() or future.exception() is not None):
+                # The request may never have reached the worker (cancelled in the
+                # queue, not picklable): send its functions again next time; a
+                # second copy is harmless, a missing one fails every later call.
+                slot.known_functions.difference_update(new_digests)
             if reply.cancelled():
                 return  # abandoned (cancelled call, Ctrl-C): nobody reads it
             if future.cancelled():
