@@ -5,7 +5,13 @@ The same class runs in-process (under `local_executor_factory`, one shard per
 group of at most `max_fanout` clients) and inside every worker process (under
 `mp_executor_factory`, one shard per worker). Because both stacks run this
 code, and reductions are done in a fixed order, the results are bitwise the
-same whatever the number of shards.
+same whatever the number of shards. A shard answers the requests of the
+shard protocol (`shard_requests`: Put, Map, Reduce, ...) through `run`, an
+explicit table; it holds its values until closed.
+
+`ClientDataCache` (also here) keeps the columns built from `ClientData`
+descriptions; its owner (a worker process's `Worker`, or the local factory)
+shares one among all its shards.
 
 A CLIENTS value in a shard is a `ShardValue`: its member type and one *leaf
 column* per tensor/sequence leaf of that type, each column one of

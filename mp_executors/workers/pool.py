@@ -5,16 +5,19 @@ Data flow (one intrinsic, e.g. `federated_map` over 1000 clients, 2 workers):
     parent process                                          worker processes
     --------------                                          ----------------
     FederatingExecutor                                      slot 0: CPUs {0}
-      |  one request per shard                              +------------------------+
-      v                                                     | worker.handle()        |
-    RemoteShard(slot 0) --submit--> loky executor 0 --pipe->|   ClientShard [0,504)  |
-    RemoteShard(slot 1) --submit--> loky executor 1 --pipe->|   values by handle     |
-      ^                                                     +------------------------+
-      |  partials / acks (small)                            slot 1: CPUs {1}
-      +---- asyncio.wrap_future <---- result pipe <-------- |   ClientShard [504,1000)|
-                                                            +------------------------+
-    big CLIENTS arguments: parent stacks each leaf into /dev/shm (transport.Segments),
-    the request carries only the segment name; unlinked when the request completes.
+      |  one request per shard (shard_requests.Map, ...)    +--------------------------+
+      v  prepare all, then send all                         | worker.handle -> Worker  |
+    RemoteShard(slot 0) --submit--> loky executor 0 --pipe->|   ClientShard [0,504)    |
+    RemoteShard(slot 1) --submit--> loky executor 1 --pipe->|   values by handle,      |
+      ^                                                     |   functions by digest    |
+      |  partials / acks (small)                            +--------------------------+
+      +---- reply future <---- done callback <---- result pipe <-- slot 1: CPUs {1} ...
+
+    big CLIENTS arguments: `prepare` stacks each leaf into a /dev/shm segment
+    leased from the slot's SegmentPool (transport); the request carries only
+    the segment's name. The lease is given back when the worker has answered
+    (or died), or at once if the request is never sent; segments are reused
+    by later calls and unlinked when the slot shuts down.
 
 The moving parts:
 
@@ -25,7 +28,8 @@ The moving parts:
   only that slot. Workers import TensorFlow once (`worker.initialize`) and
   stay warm across calls; the pool grows with `fit` and shrinks with
   `detach_idle`.
-- `RemoteShard` is the parent's proxy for one `ClientShard` in one worker:
+- `RemoteShard` is the parent's proxy for one `ClientShard` in one worker
+  (whose process state, shards included, a `workers.service.Worker` owns):
   it implements the `ShardTarget` protocol of the FederatingExecutor, so the
   federating layer is the same code for the in-process and the pooled stack.
   It counts its round trips (`WorkerPool.requests`), which is how the tests

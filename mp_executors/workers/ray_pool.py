@@ -12,7 +12,8 @@
 (shards, one round trip per worker per intrinsic, compiled functions sent
 once, crash -> `WorkerCrashedError` -> retry on a replaced actor) is the
 pool's own code. Each actor hosts the transport-agnostic `workers.worker`
-service: its constructor calls `worker.initialize`, and its one method runs
+service: its constructor calls `worker.initialize` (which creates the actor
+process's `service.Worker`, owner of its shards and functions), and its one method runs
 `worker.handle` / `open_shard` / `report` / ... in the actor process, in
 submission order (a Ray actor runs one call at a time).
 
@@ -35,6 +36,7 @@ import concurrent.futures
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 from concurrent.futures.process import _RemoteTraceback
@@ -46,7 +48,7 @@ import ray.exceptions
 
 from mp_executors.planning import WorkerSlot
 from mp_executors.workers import worker
-from mp_executors.workers.pool import WorkerPool
+from mp_executors.workers.pool import SlotUse, WorkerPool
 
 logger = logging.getLogger("mp_executors")
 
@@ -81,8 +83,13 @@ def _actor_class():
     return _remote_actor_class
 
 
-class RayWorkerSlot:
-    """One slot served by one Ray actor; offers what `WorkerPool` needs of a slot."""
+class RayWorkerSlot(SlotUse):
+    """One slot served by one Ray actor; offers what `WorkerPool` needs of a slot.
+
+    Busy/idle bookkeeping (`SlotUse`) is the loky slot's: a request counts as
+    in flight from submit until its future is settled, and the idle clock
+    starts then.
+    """
 
     crash_errors: tuple[type[BaseException], ...] = (
         ray.exceptions.RayActorError,  # ActorDiedError (killed, OOM, constructor failed), ActorUnavailableError
@@ -98,10 +105,8 @@ class RayWorkerSlot:
         self.options = options
         self.known_functions: set[str] = set()
         self.process = None  # no local process handle: the memory guard skips Ray slots
-        self.broken = False
         self.last_rss: int | None = None
-        self.pending: set[concurrent.futures.Future] = set()
-        self.last_used = time.monotonic()  # the pool's idle-shrink clock (it updates it)
+        self._init_use()
         self.pid: int | None = None
         self.host: str | None = None
         self.death: BaseException | None = None  # the Ray error that reported the actor dead
@@ -109,9 +114,13 @@ class RayWorkerSlot:
 
     def submit(self, fn, *args) -> concurrent.futures.Future:
         result: concurrent.futures.Future = concurrent.futures.Future()
-        self.pending.add(result)
-        result.add_done_callback(self.pending.discard)
-        ref = self.actor.run.remote(fn, *args)
+        self._begin()
+        self._track(result)  # settled below, or cancelled: either ends the request
+        try:
+            ref = self.actor.run.remote(fn, *args)
+        except BaseException as e:
+            _settle(result, error=e)
+            raise
 
         def done(ray_future: concurrent.futures.Future) -> None:
             try:
@@ -186,8 +195,9 @@ class RayWorkerPool(WorkerPool):
     #: How long to wait for the cluster to free the resources new actors need.
     RESOURCE_WAIT_SECONDS = 15.0
 
-    def __init__(self, gpus_per_worker: float = 0, actor_options: dict[str, Any] | None = None):
-        super().__init__()
+    def __init__(self, gpus_per_worker: float = 0, actor_options: dict[str, Any] | None = None,
+                 lock: threading.RLock | None = None):
+        super().__init__(lock=lock)
         self.gpus_per_worker = gpus_per_worker
         self.actor_options = dict(actor_options or {})
 
@@ -210,14 +220,13 @@ class RayWorkerPool(WorkerPool):
     def _new_slot(self, slot: WorkerSlot) -> RayWorkerSlot:
         return RayWorkerSlot(slot, self._options(slot))
 
-    def _start_slots(self, indices: list[int], wanted: list[WorkerSlot]) -> None:
+    def _start_slots(self, wanted: list[WorkerSlot]) -> list[RayWorkerSlot]:
         try:
-            self._wait_for_resources([self._options(wanted[i]) for i in indices])
+            self._wait_for_resources([self._options(slot) for slot in wanted])
         except BaseException:
-            self._slots = [s for j, s in enumerate(self._slots) if j not in indices]
             self.plan = None  # the next call plans (and starts actors) again
             raise
-        super()._start_slots(indices, wanted)
+        return super()._start_slots(wanted)
 
     def _wait_for_resources(self, options: list[dict[str, Any]]) -> None:
         """Fails fast, with a clear message, when the cluster cannot host the new actors.
