@@ -20,12 +20,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from mp_executors.checks import check_int, is_int
-from mp_executors.core.types import CLIENTS
 from mp_executors.executors.eager_tf_executor import EagerTFExecutor
+from mp_executors.executors.executor_base import Executor
 from mp_executors.executors.federating_executor import FederatingExecutor
 from mp_executors.executors.reduction_blocks import BLOCK_SIZE, split_clients
 from mp_executors.executors.reference_resolving_executor import ReferenceResolvingExecutor
-from mp_executors.factories.base import CachingExecutorFactory
+from mp_executors.factories.base import CacheEntry, CachingExecutorFactory
 from mp_executors.factories.local import check_common_arguments
 from mp_executors.machine import detect_machine
 from mp_executors.planning import PoolPlan, plan_pool
@@ -55,7 +55,7 @@ class MpExecutorFactory(CachingExecutorFactory):
         )
         # Validate every sizing argument now, before any call dispatches work.
         self.plan(num_workers if is_int(num_workers) else 1)
-        self.pool = WorkerPool(start_method)
+        self.pool = WorkerPool(start_method, lock=self._lock)  # the factory's one lock
 
     #: How long a machine reading (free memory, CPUs) is reused for planning.
     MACHINE_READING_SECONDS = 5.0
@@ -76,48 +76,86 @@ class MpExecutorFactory(CachingExecutorFactory):
             fixed = 0  # invalid or absent: plan_pool reports a bad value by its name
         return plan_pool(max(num_clients, fixed), machine=machine, **self._plan_args)
 
-    def _build(self, num_clients: int) -> ReferenceResolvingExecutor:
+    def _make_entry(self, key: tuple, num_clients: int) -> CacheEntry:
+        """Plans, fits the pool (growing it; never stopping a slot a call holds), opens the shards."""
         shards = []
         if num_clients:
             plan = self.plan(num_clients)
-            if self.pool.fit(plan):
-                self._drop_cached_executors()  # their shards lived in workers that were stopped
+            stopped = self.pool.fit(plan)
+            if stopped:
+                self._drop_executors_in(stopped)
             ranges = split_clients(num_clients, plan.num_workers, BLOCK_SIZE)
             shards = self.pool.open_shards(ranges)
-        return ReferenceResolvingExecutor(FederatingExecutor(EagerTFExecutor(self.server_device), shards, num_clients))
+        executor = ReferenceResolvingExecutor(
+            FederatingExecutor(EagerTFExecutor(self.server_device), shards, num_clients))
+        return CacheEntry(key, executor, tuple(shard.slot for shard in shards))
 
-    def create_executor(self, cardinalities):
-        executor = super().create_executor(cardinalities)
-        n = self.resolve_cardinalities(cardinalities)[CLIENTS]
-        if n and self.pool.size:
-            needed = len(split_clients(n, self.plan(n).num_workers, BLOCK_SIZE))
-            if self.pool.shrink_idle(needed):
-                with self._lock:
-                    self._drop_cached_executors()
-                executor = super().create_executor(cardinalities)
-        return executor
+    # The hooks below run with the factory's lock held (see factories.base).
 
-    def _drop_cached_executors(self) -> None:
-        # Their shards live in workers that are about to change.
-        executors, self._executors = list(self._executors.values()), type(self._executors)()
-        for executor in executors:
-            executor.close()
+    def _usable(self, entry: CacheEntry) -> bool:
+        return not any(slot.broken or slot.retired for slot in entry.slots)
 
-    def clean_up_executor(self, cardinalities) -> None:
-        super().clean_up_executor(cardinalities)
-        if self.pool.has_broken():
-            with self._lock:
-                self._drop_cached_executors()  # their shards lived in the dead worker
+    def _hold(self, entry: CacheEntry) -> None:
+        self.pool.hold(entry.slots)
 
-    def interrupt(self) -> None:
-        """After Ctrl-C: stop busy workers; drop the executors whose shards they held."""
-        self.pool.interrupt()
-        if self.pool.has_broken():
-            with self._lock:
-                self._drop_cached_executors()
+    def _unhold(self, entry: CacheEntry) -> None:
+        self.pool.unhold(entry.slots)
 
-    def close(self) -> None:
-        super().close()
+    def _maintain(self, entry: CacheEntry, to_close: list[CacheEntry]) -> list[Any]:
+        # Idle shrink: the workers beyond what this call needs, idle long enough,
+        # go. Not while a build runs: the builder is changing the slot table.
+        if not entry.slots or self._building:
+            return []
+        gone = self.pool.detach_idle(len(entry.slots))
+        self._retire_executors_in(gone, to_close)
+        return gone
+
+    def _stop(self, resources: list[Any]) -> None:
+        for slot in resources:
+            slot.shutdown()
+
+    def _after_clean_up(self, to_close: list[CacheEntry]) -> None:
+        # After a worker crash: the executors whose shards lived in the dead worker are stale.
+        self._retire_executors_in([s for s in self.pool.slots if s.broken], to_close)
+
+    def _retire_executors_in(self, slots: list[Any], to_close: list[CacheEntry]) -> None:
+        """Retires every executor with a shard in `slots` (closed now, or when its lease ends)."""
+        if not slots:
+            return
+        gone = set(map(id, slots))
+        for entry in list(self._live.values()):
+            if any(id(s) in gone for s in entry.slots):
+                self._retire(entry, to_close)
+
+    def _drop_executors_in(self, slots: list[Any]) -> None:
+        to_close: list[CacheEntry] = []
+        with self._lock:
+            self._retire_executors_in(slots, to_close)
+        self._close_entries(to_close)
+
+    def interrupt(self, executor: Executor | None = None) -> None:
+        """After Ctrl-C in the call running on `executor`: stops the workers still busy with it.
+
+        Only that call's slots are stopped, and of those only the ones no
+        other running call holds (a worker shared with another thread's call
+        is left to finish the abandoned request: stopping it would fail that
+        call). The interrupted executor is retired (its state is mid-call),
+        and so is every executor with a shard in a stopped worker (closed
+        now, or when its own call ends). `executor=None` (the pre-lease
+        interface): every running call's busy workers.
+        """
+        with self._lock:
+            entries = self._entries_of(executor)
+            victims = {id(s): s for e in entries for s in e.slots if s.holds <= e.leases}
+            shared = [s.slot.index for e in entries for s in e.slots if s.holds > e.leases and s.busy]
+        if shared:
+            logger.warning("mp_executors: interrupted; worker slot(s) %s also serve another running call: left "
+                           "to finish the abandoned request", shared)
+        stopped = self.pool.interrupt(list(victims.values()))
+        super().interrupt(executor)
+        self._drop_executors_in(stopped)
+
+    def _close_resources(self) -> None:
         self.pool.close()
 
 

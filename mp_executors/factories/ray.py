@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from mp_executors.checks import is_int
 from mp_executors.factories.mp import MpExecutorFactory
 from mp_executors.machine import Machine, detect_machine
 from mp_executors.planning import PoolPlan, plan_pool
@@ -113,7 +114,7 @@ class RayExecutorFactory(MpExecutorFactory):
         self._reading: tuple[float, Machine] | None = None
         # Checks every sizing argument now, on a stand-in machine: the cluster is
         # only connected to when a call needs workers.
-        n = cpus_per_worker if isinstance(cpus_per_worker, int) and cpus_per_worker > 0 else 1
+        n = cpus_per_worker if is_int(cpus_per_worker) else 1
         stand_in = Machine(usable_cpus=tuple(range(n)), logical_cpus=n, physical_cores=n,
                            total_memory=1 << 60, available_memory=1 << 60, gpus=("0",) if gpus_per_worker else ())
         super().__init__(default_num_clients, max_fanout, server_device, client_devices, num_workers=num_workers,
@@ -129,7 +130,7 @@ class RayExecutorFactory(MpExecutorFactory):
                 raise
             raise ImportError("ray_executor_factory needs Ray, an optional extra: "
                               "pip install 'mp_executors[ray]'") from e
-        self.pool = RayWorkerPool(gpus_per_worker, actor_options)
+        self.pool = RayWorkerPool(gpus_per_worker, actor_options, lock=self._lock)  # the factory's one lock
 
     def connect(self) -> None:
         """Connects to the cluster (or starts the local instance) unless Ray already is."""
@@ -163,8 +164,8 @@ class RayExecutorFactory(MpExecutorFactory):
             raise ValueError(str(e).replace("threads_per_worker", "cpus_per_worker")
                              .replace("usable CPUs of this machine", "CPUs of the Ray cluster")) from None
 
-    def close(self) -> None:
-        super().close()
+    def close(self, timeout: float | None = None) -> None:
+        super().close(timeout)
         if self._owns_ray:
             import ray  # noqa: PLC0415
 
