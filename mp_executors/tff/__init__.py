@@ -25,25 +25,50 @@ environment with `benchmarks/peers/setup_tff_venv.sh`).
 
 from __future__ import annotations
 
-try:
-    import tensorflow_federated as tff
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "mp_executors.tff needs TensorFlow Federated, which is not installed here "
-        f"({e}). TFF 0.87 installs only in its own Python 3.11 virtual environment: run "
-        "`bash benchmarks/peers/setup_tff_venv.sh` (creates ~/.cache/mp_executors/tff-venv), then "
-        "`~/.cache/mp_executors/tff-venv/bin/pip install --no-deps -e . loky cloudpickle psutil` from this "
-        "repository, and run your program with that venv's python."
-    ) from None
-
+import importlib
+import importlib.util
 from typing import Any
 
+# Checked without importing TFF: the workers import `mp_executors.tff.datasets`
+# (to rebuild client datasets) and must not pay for importing TFF itself.
+if importlib.util.find_spec("tensorflow_federated") is None:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "mp_executors.tff needs TensorFlow Federated, which is not installed here. TFF 0.87 installs "
+        "only in its own Python 3.11 virtual environment: run `bash benchmarks/peers/setup_tff_venv.sh` "
+        "(creates ~/.cache/mp_executors/tff-venv), then `~/.cache/mp_executors/tff-venv/bin/pip install "
+        "--no-deps -e . loky cloudpickle psutil` from this repository, and run your program with that "
+        "venv's python."
+    )
+
 from mp_executors.factories.base import ExecutorFactory
-from mp_executors.tff.converter import cache_info, convert, convert_type
-from mp_executors.tff.executor import TffComputation, TffExecutorFactory, from_tff
+
+_LAZY = {
+    "TffComputation": "mp_executors.tff.executor",
+    "TffExecutorFactory": "mp_executors.tff.executor",
+    "from_tff": "mp_executors.tff.executor",
+    "cache_info": "mp_executors.tff.converter",
+    "convert": "mp_executors.tff.converter",
+    "convert_type": "mp_executors.tff.converter",
+}
 
 
-def executor_factory(factory: ExecutorFactory | None = None) -> TffExecutorFactory:
+def __getattr__(name: str) -> Any:
+    # The parts that import TFF load on first use (PEP 562).
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'mp_executors.tff' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def _tff():
+    import tensorflow_federated  # noqa: PLC0415 - TFF is imported only when a context is made
+
+    return tensorflow_federated
+
+
+def executor_factory(factory: ExecutorFactory | None = None) -> Any:
     """An object implementing TFF's `ExecutorFactory`, backed by one of our factories.
 
     `factory`: `mpx.local_executor_factory(...)`, `mpx.mp_executor_factory(...)`
@@ -51,6 +76,8 @@ def executor_factory(factory: ExecutorFactory | None = None) -> TffExecutorFacto
     `mp_executor_factory()` (its pool starts on the first call with clients),
     which the returned object owns and closes in `close()`.
     """
+    from mp_executors.tff.executor import TffExecutorFactory  # noqa: PLC0415 - imports TFF
+
     if factory is None:
         from mp_executors.factories.mp import mp_executor_factory  # noqa: PLC0415 - only when defaulted
 
@@ -60,7 +87,7 @@ def executor_factory(factory: ExecutorFactory | None = None) -> TffExecutorFacto
 
 def create_sync_execution_context(factory: ExecutorFactory | None = None) -> Any:
     """`tff.framework.SyncExecutionContext` running on `factory` (see `executor_factory`)."""
-    return tff.framework.SyncExecutionContext(executor_fn=executor_factory(factory))
+    return _tff().framework.SyncExecutionContext(executor_fn=executor_factory(factory))
 
 
 def set_sync_execution_context(factory: ExecutorFactory | None = None) -> Any:
@@ -70,7 +97,7 @@ def set_sync_execution_context(factory: ExecutorFactory | None = None) -> Any:
     `tff.backends.native.set_sync_local_cpp_execution_context()`.
     """
     context = create_sync_execution_context(factory)
-    tff.framework.set_default_context(context)
+    _tff().framework.set_default_context(context)
     return context
 
 

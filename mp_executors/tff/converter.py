@@ -213,7 +213,14 @@ class _Converter:
         if which == "lambda":
             fn = comp.__getattribute__("lambda")
             parameter_name = fn.parameter_name or None
-            return bb.Lambda(parameter_name, type_spec.parameter, self.convert(fn.result))
+            body = self.convert(fn.result)
+            # `(a -> f(a))` is `f`: TFF wraps functions passed to intrinsics this
+            # way, and our sequence intrinsics take TensorFlow computations.
+            if (parameter_name is not None and isinstance(body, bb.Call) and isinstance(body.argument, bb.Reference)
+                    and body.argument.name == parameter_name
+                    and isinstance(body.function, (bb.CompiledComputation, bb.Intrinsic))):
+                return body.function
+            return bb.Lambda(parameter_name, type_spec.parameter, body)
         if which == "block":
             local_bindings = [(local.name, self.convert(local.value)) for local in comp.block.local]
             return bb.Block(local_bindings, self.convert(comp.block.result))

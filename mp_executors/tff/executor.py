@@ -36,11 +36,13 @@ from tensorflow_federated.python.core.impl.executors import executor_factory as 
 from tensorflow_federated.python.core.impl.executors import executor_value_base as tff_value_base
 
 from mp_executors.context import ExecutionContext
+from mp_executors.core import structure
 from mp_executors.core import types as t
 from mp_executors.core.computation import Computation
 from mp_executors.core.structure import Struct
 from mp_executors.factories.base import ExecutorFactory
-from mp_executors.tff import converter
+from mp_executors.factories.local import LocalExecutorFactory
+from mp_executors.tff import converter, datasets
 
 # --------------------------------------------------------------------------- values in and out
 
@@ -217,6 +219,21 @@ def _looks_like_computation(value: Any) -> bool:
     return hasattr(value, "get_proto") and hasattr(value, "type_signature") and callable(value)
 
 
+def _datasets_as_client_data(value: Any, type_spec: t.Type | None) -> Any:
+    """Replaces every list of client datasets in an argument by a ClientData (see `tff.datasets`)."""
+    if isinstance(type_spec, t.FederatedType):
+        if (type_spec.placement == t.CLIENTS and not type_spec.all_equal
+                and isinstance(type_spec.member, t.SequenceType) and datasets.is_dataset_list(value)):
+            return datasets.as_client_data(list(value), type_spec.member)
+        return value
+    if isinstance(type_spec, t.StructType) and t.is_federated(type_spec):
+        as_struct = structure.from_container(value)
+        if as_struct is None or len(as_struct) != len(type_spec):
+            return value  # our argument checks report what is wrong
+        return Struct((n, _datasets_as_client_data(v, e)) for (n, v), e in zip(as_struct.items(), type_spec))
+    return value
+
+
 class TffExecutorFactory(tff_executor_factory.ExecutorFactory):
     """TFF's `ExecutorFactory` interface over one of our factories.
 
@@ -234,10 +251,15 @@ class TffExecutorFactory(tff_executor_factory.ExecutorFactory):
         self.factory = factory
         self.owns_factory = owns_factory
         self._context = ExecutionContext(factory)
+        # Client datasets cross to worker processes as cached descriptions
+        # (`tff.datasets`); in-process stacks take them as they are.
+        self._ship_datasets = not isinstance(factory, LocalExecutorFactory)
         self._threads = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="mpx-tff")
         self._lock = threading.Lock()
 
     async def invoke(self, comp: TffComputation, argument: Any) -> Any:
+        if self._ship_datasets and argument is not None:
+            argument = _datasets_as_client_data(argument, comp.type_signature.parameter)
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self._threads, self._context.invoke, comp, argument)
         return to_tff_value(result)
