@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import mp_executors as mpx
-from mp_executors.workers.worker import FAULT_FILE_VARIABLE
+from mp_executors.workers.faults import FAULT_FILE_VARIABLE
 
 if importlib.util.find_spec("ray") is None and os.environ.get("MPX_SKIP_RAY"):
     pytest.skip("Ray is not installed and MPX_SKIP_RAY is set", allow_module_level=True)

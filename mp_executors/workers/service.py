@@ -31,7 +31,7 @@ from mp_executors._tf import tf
 from mp_executors.executors import shard_requests as rq
 from mp_executors.executors.client_shard import ClientDataCache, ClientShard
 from mp_executors.workers import transport
-from mp_executors.workers.worker import maybe_inject_fault
+from mp_executors.workers.faults import maybe_inject_fault
 
 
 class Worker:

@@ -27,6 +27,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from mp_executors.workers.faults import maybe_inject_fault
+
 if TYPE_CHECKING:  # imports TensorFlow: only after pinning (see initialize)
     from mp_executors.executors.shard_requests import ShardRequest
     from mp_executors.workers.service import Worker
@@ -114,39 +116,3 @@ def handle(shard_id: int, releases: tuple[int, ...], request: ShardRequest, new_
 def report() -> dict[str, Any]:
     """Where and how this worker runs, and what it holds (see `service.Worker.report`)."""
     return current().report()
-
-
-FAULT_FILE_VARIABLE = "MP_EXECUTORS_TEST_FAULT_FILE"
-
-
-def maybe_inject_fault(phase: str, slot_index: int) -> None:
-    """Test hook: dies (or stalls) as a fault file asks, exactly once.
-
-    When the environment variable MP_EXECUTORS_TEST_FAULT_FILE names a file
-    containing "<phase> <slot> <how>" (how: sigkill | segv | exit | sleep:<s>),
-    the worker of that slot claims the file (an atomic rename, so only one
-    worker fires, once) when it reaches that phase. The fault-injection tests
-    use it to kill real workers at a chosen moment; it costs one getenv.
-    """
-    path = os.environ.get(FAULT_FILE_VARIABLE)
-    if not path or not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            want_phase, want_slot, how = f.read().split()
-    except (OSError, ValueError):
-        return
-    if want_phase != phase or int(want_slot) != slot_index:
-        return
-    try:
-        os.rename(path, f"{path}.fired")
-    except OSError:
-        return  # another worker claimed it
-    if how == "sigkill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    elif how == "segv":
-        os.kill(os.getpid(), signal.SIGSEGV)
-    elif how == "exit":
-        os._exit(7)
-    elif how.startswith("sleep:"):
-        time.sleep(float(how.split(":", 1)[1]))

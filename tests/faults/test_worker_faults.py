@@ -1,6 +1,6 @@
 """Fault injection: real worker processes die at chosen moments.
 
-The hook (`worker.maybe_inject_fault`) is armed by writing "<phase> <slot>
+The hook (`faults.maybe_inject_fault`) is armed by writing "<phase> <slot>
 <how>" into the file named by MP_EXECUTORS_TEST_FAULT_FILE; the worker of
 that slot kills itself the first time it reaches that phase. Every test
 asserts the right answer (bitwise equal to an undisturbed run) or the right
@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 import mp_executors as mpx
-from mp_executors.workers.worker import FAULT_FILE_VARIABLE
+from mp_executors.workers.faults import FAULT_FILE_VARIABLE
 
 NUM_CLIENTS = 20  # 3 blocks of 8: worker 0 holds clients 0..15, worker 1 holds 16..19
 CLIENT_TYPE = mpx.FederatedType(np.float32, mpx.CLIENTS)

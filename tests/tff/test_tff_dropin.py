@@ -30,7 +30,7 @@ from tensorflow_federated.python.core.impl.context_stack import set_default_cont
 
 import mp_executors as mpx  # noqa: E402
 import mp_executors.tff as mtff  # noqa: E402
-from mp_executors.workers.worker import FAULT_FILE_VARIABLE  # noqa: E402
+from mp_executors.workers.faults import FAULT_FILE_VARIABLE  # noqa: E402
 
 NUM_CLIENTS = 12  # two reduction blocks (8 + 4): the 2-worker pool really has two shards
 KINDS = ["local", "mp-1", "mp-2"]
