@@ -266,6 +266,10 @@ def test_idle_shrink_never_stops_a_worker_busy_with_a_long_request(tmp_path, in_
         factory.close()
 
 
+#: More client counts than the executor cache holds (3), and threads at the same count at once.
+CLIENT_COUNTS = (3, 9, 12, 17, 20)
+
+
 def test_eight_threads_with_different_data_and_client_counts_on_one_factory(in_thread):
     factory = mpx.mp_executor_factory(num_workers=2)
     try:
@@ -274,7 +278,7 @@ def test_eight_threads_with_different_data_and_client_counts_on_one_factory(in_t
         def thread(t):
             rng = np.random.default_rng(100 + t)
             for j in range(20):
-                n = 1 + (5 * t + 3 * j) % 21
+                n = CLIENT_COUNTS[(t + j) % len(CLIENT_COUNTS)]
                 xs = list(rng.random(n, dtype=np.float32) * np.float32(10.0))
                 if j % 2:
                     s = np.float32(rng.random())

@@ -110,7 +110,8 @@ class CachingExecutorFactory(ExecutorFactory):
         self._cache: collections.OrderedDict[tuple, CacheEntry] = collections.OrderedDict()
         self._live: dict[int, CacheEntry] = {}  # id(executor) -> entry: cached or leased, not closed
         self._lease_threads: collections.Counter[int] = collections.Counter()
-        self._building = False
+        self._builder: int | None = None  # the thread whose build may change the pool's shape
+        self._builds = 0  # builds in progress (a build goes on after its shape-changing part)
         self._closed = False
 
     # ------------------------------------------------------------------ TFF's interface
@@ -189,7 +190,7 @@ class CachingExecutorFactory(ExecutorFactory):
             announced = False
             while True:
                 running = self._leases_elsewhere()
-                if not running and not self._building:
+                if not running and not self._builds:
                     break
                 remaining = deadline - time.monotonic()
                 if exiting or remaining <= 0:
@@ -236,8 +237,8 @@ class CachingExecutorFactory(ExecutorFactory):
                             self._take(entry)
                         to_stop = self._maintain(entry, to_close)
                         return entry
-                    if not self._building:
-                        self._building = True  # this thread builds; others wait for it
+                    if self._builder is None:
+                        self._builder = threading.get_ident()  # this thread builds; others wait for it
                         break
                     self._changed.wait()
         finally:
@@ -246,23 +247,28 @@ class CachingExecutorFactory(ExecutorFactory):
         return self._build_entry(key, cardinalities, lease)
 
     def _build_entry(self, key: tuple, cardinalities: Cardinalities, lease: bool) -> CacheEntry:
-        """Builds (outside the lock; one builder at a time) and registers a new executor."""
+        """Builds (outside the lock) and registers a new executor.
+
+        This thread is the builder (`_builder`) until `_make_entry` calls
+        `_end_building` (pooled factories do, once the pool has its shape and
+        the new executor's slots are held) or returns.
+        """
         to_close: list[CacheEntry] = []
         to_stop: list[Any] = []
+        with self._lock:
+            self._builds += 1
         try:
-            entry = self._make_entry(key, cardinalities[t.CLIENTS])
-        except BaseException:
+            try:
+                entry = self._make_entry(key, cardinalities[t.CLIENTS])
+            finally:
+                self._end_building()
             with self._lock:
-                self._building = False
-                self._changed.notify_all()
-            raise
-        try:
-            # One lock region from the end of the build to the lease: nothing can
-            # stop the new executor's workers in between (they are held from here).
-            with self._lock:
-                self._building = False
-                self._changed.notify_all()
+                if entry.preheld and not lease:
+                    self._unhold(entry)  # create_executor: not leased, so not held
+                    entry.preheld = False
                 if self._closed:
+                    if entry.preheld:
+                        self._unhold(entry)
                     entry.closed = True
                     to_close.append(entry)
                     self._check_open()
@@ -280,8 +286,23 @@ class CachingExecutorFactory(ExecutorFactory):
                 to_stop = self._maintain(entry, to_close)
                 return entry
         finally:
+            with self._lock:
+                self._builds -= 1
+                self._changed.notify_all()
             self._close_entries(to_close)
             self._stop(to_stop)
+
+    def _end_building(self) -> None:
+        """The running build no longer changes the pool's shape: the next builder may start."""
+        with self._lock:
+            if self._builder == threading.get_ident():
+                self._builder = None
+                self._changed.notify_all()
+
+    @property
+    def _building(self) -> bool:
+        """A build is changing the pool's shape (lock held to read it meaningfully)."""
+        return self._builder is not None
 
     def _release(self, entry: CacheEntry) -> None:
         to_close: list[CacheEntry] = []
@@ -303,7 +324,10 @@ class CachingExecutorFactory(ExecutorFactory):
     def _take(self, entry: CacheEntry) -> None:
         entry.leases += 1
         self._lease_threads[threading.get_ident()] += 1
-        self._hold(entry)
+        if entry.preheld:
+            entry.preheld = False  # the builder's hold becomes this lease's
+        else:
+            self._hold(entry)
 
     def _retire(self, entry: CacheEntry, to_close: list[CacheEntry]) -> None:
         """Out of the cache; closed now if no call holds it, else when its last lease ends."""
@@ -387,6 +411,7 @@ class CacheEntry:
     key: tuple
     executor: Executor
     slots: tuple = ()  # the worker slots its shards live in; held while it is leased
+    preheld: bool = False  # its slots were held by the builder (for the lease to come)
     leases: int = 0
     cached: bool = True  # in the LRU; once False it is closed when its last lease ends
     closed: bool = False

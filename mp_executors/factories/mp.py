@@ -77,18 +77,33 @@ class MpExecutorFactory(CachingExecutorFactory):
         return plan_pool(max(num_clients, fixed), machine=machine, **self._plan_args)
 
     def _make_entry(self, key: tuple, num_clients: int) -> CacheEntry:
-        """Plans, fits the pool (growing it; never stopping a slot a call holds), opens the shards."""
-        shards = []
+        """Plans, fits the pool (growing it; never stopping a slot a call holds), opens the shards.
+
+        Planning and fitting change the pool's shape: one builder at a time.
+        Opening the shards only waits for a round trip to each worker, behind
+        whatever other calls queued there (possibly a long map), so it runs
+        after `_end_building`, with the new executor's slots already held:
+        other threads' builds go on meanwhile, and nothing stops these slots.
+        """
+        shards, slots = [], ()
         if num_clients:
             plan = self.plan(num_clients)
             stopped = self.pool.fit(plan)
             if stopped:
                 self._drop_executors_in(stopped)
             ranges = split_clients(num_clients, plan.num_workers, BLOCK_SIZE)
-            shards = self.pool.open_shards(ranges)
+            with self._lock:
+                slots = tuple(self.pool.slots[:len(ranges)])
+                self.pool.hold(slots)
+            self._end_building()
+            try:
+                shards = self.pool.open_shards(ranges, slots)
+            except BaseException:
+                self.pool.unhold(slots)
+                raise
         executor = ReferenceResolvingExecutor(
             FederatingExecutor(EagerTFExecutor(self.server_device), shards, num_clients))
-        return CacheEntry(key, executor, tuple(shard.slot for shard in shards))
+        return CacheEntry(key, executor, slots, preheld=bool(slots))
 
     # The hooks below run with the factory's lock held (see factories.base).
 

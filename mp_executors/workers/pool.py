@@ -472,9 +472,14 @@ class WorkerPool:
                         self.memory_share / 2**20, psutil.virtual_memory().available / 2**20,
                     )
 
-    def open_shards(self, ranges: list[tuple[int, int]]) -> list[RemoteShard]:
-        """One ClientShard per range, range i in worker i (one round trip each, in parallel)."""
-        slots = self.slots
+    def open_shards(self, ranges: list[tuple[int, int]],
+                    slots: tuple[WorkerSlotProcess, ...] | None = None) -> list[RemoteShard]:
+        """One ClientShard per range, range i in worker i (one round trip each, in parallel).
+
+        `slots`: the workers to use (default: the pool's first ones); the
+        caller holds them, so that nothing stops them meanwhile.
+        """
+        slots = self.slots if slots is None else list(slots)
         if len(ranges) > len(slots):
             raise ValueError(f"{len(ranges)} shards but only {len(slots)} workers.")
         shards = []
