@@ -342,16 +342,36 @@ def process(name: str):
             "fed_prox": lambda: tff.learning.algorithms.build_weighted_fed_prox(
                 model_fn, proximal_strength=0.5, client_optimizer_fn=sgd,
                 server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=1.0)),
+            "fed_sgd": lambda: tff.learning.algorithms.build_fed_sgd(
+                model_fn, server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=0.5)),
+            "mime_lite": lambda: tff.learning.algorithms.build_weighted_mime_lite(
+                model_fn, base_optimizer=tff.learning.optimizers.build_sgdm(learning_rate=0.1, momentum=0.9)),
+            "robust_aggregator": lambda: tff.learning.algorithms.build_weighted_fed_avg(
+                model_fn, client_optimizer_fn=sgd, model_aggregator=tff.learning.robust_aggregator()),
+            # Secure sums (bitwidth) with quantization: TFF's test runtime (its native runtime
+            # with the secure intrinsics replaced by plain ones) is the reference here.
+            "secure_aggregator": lambda: tff.learning.algorithms.build_weighted_fed_avg(
+                model_fn, client_optimizer_fn=sgd, model_aggregator=tff.learning.secure_aggregator()),
         }
         _processes[name] = builders[name]()
     return _processes[name]
 
 
-@pytest.mark.parametrize("name", ["weighted_sgdm", "unweighted_adam", "dp_zero_noise", "fed_prox"])
+@pytest.fixture(scope="module")
+def native_test_backend():
+    """TFF's native runtime with secure intrinsics replaced by plain ones (it refuses them otherwise)."""
+    context = tff.backends.test.create_sync_test_cpp_execution_context()
+    yield context
+    _stop_native_workers()
+
+
+@pytest.mark.parametrize("name", ["weighted_sgdm", "unweighted_adam", "dp_zero_noise", "fed_prox", "fed_sgd",
+                                  "mime_lite", "robust_aggregator", "secure_aggregator"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_tff_learning_matches_native(native, contexts, kind, name):
+def test_tff_learning_matches_native(native, native_test_backend, contexts, kind, name):
     proc = process(name)
-    expected = native_result(native, name, two_rounds, proc)
+    reference = native_test_backend if name == "secure_aggregator" else native
+    expected = native_result(reference, name, two_rounds, proc)
     weights, metrics = run_in(contexts[kind], two_rounds, proc)
     assert_close(weights.trainable, expected[0].trainable, rtol=1e-4)
     assert_close(metrics, expected[1], rtol=1e-4)
@@ -376,6 +396,37 @@ def test_fed_eval_matches_native(native, contexts, kind):
     actual = run_in(contexts[kind], evaluate)
     assert_close(actual, expected, rtol=1e-4)
     assert actual["client_work"]["eval"]["current_round_metrics"]["num_examples"] > 0
+
+
+# --------------------------------------------------------------------------- federated_select
+
+KEYS = tff.TensorType(np.int32, [2])
+
+
+@tff.tensorflow.computation(tff.TensorType(np.float32, [6]), np.int32)
+def select_slice(table, key):
+    return tf.gather(table, key) * 10.0
+
+
+@tff.tensorflow.computation(tff.SequenceType(np.float32))
+def dataset_sum_scalar(ds):
+    return ds.reduce(np.float32(0), lambda a, x: a + x)
+
+
+@tff.federated_computation(tff.FederatedType(KEYS, tff.CLIENTS), tff.FederatedType(np.int32, tff.SERVER),
+                           tff.FederatedType(tff.TensorType(np.float32, [6]), tff.SERVER))
+def select_and_sum(keys, max_key, table):
+    selected = tff.federated_select(keys, max_key, table, select_slice)
+    return tff.federated_sum(tff.federated_map(dataset_sum_scalar, selected))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_federated_select(contexts, kind):
+    keys = [np.array([i % 6, (2 * i + 1) % 6], np.int32) for i in range(NUM_CLIENTS)]
+    table = np.arange(6, dtype=np.float32) + 0.5
+    expected = sum(10.0 * (table[k[0]] + table[k[1]]) for k in keys)
+    actual = run_in(contexts[kind], select_and_sum, keys, np.int32(6), table)
+    np.testing.assert_allclose(actual, expected, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- errors and the API around it
