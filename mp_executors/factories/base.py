@@ -21,9 +21,13 @@ Ownership and leases (`CachingExecutorFactory`):
   executor: LRU eviction skips it (the cache may exceed `cache_size` for a
   while), `clean_up_executor` and `interrupt` retire it (out of the cache,
   closed when the lease ends), and `close()` waits for it.
-- Builds (planning, growing the pool, opening shards) run one at a time,
-  outside the lock: a thread that needs a new executor while another builds
-  waits on `_changed`; threads whose executor is cached do not wait.
+- Builds run outside the lock. The part of a build that may change the
+  pool's shape (planning, growing or re-planning the pool) runs one at a
+  time: the builder is `_builder`, and a thread that needs a new executor
+  meanwhile waits on `_changed`; threads whose executor is cached do not
+  wait. A pooled factory then holds the new executor's slots and ends that
+  part (`_end_building`) before opening its shards, which may wait behind
+  other calls' requests in the workers.
 - `create_executor`, `clean_up_executor` and `close` keep TFF's meaning:
   `create_executor` returns the cached executor and does NOT lease it (it may
   be evicted by later calls, as in TFF).
