@@ -26,7 +26,9 @@ tff = pytest.importorskip(
 import psutil  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tree  # noqa: E402  (dm-tree, a TFF dependency)
+from tensorflow_federated.python.core.impl.compiler import building_blocks  # noqa: E402
 from tensorflow_federated.python.core.impl.context_stack import set_default_context  # noqa: E402
+from tensorflow_federated.python.core.impl.types import computation_types, placements  # noqa: E402
 
 import mp_executors as mpx  # noqa: E402
 import mp_executors.tff as mtff  # noqa: E402
@@ -427,6 +429,60 @@ def test_federated_select(contexts, kind):
     expected = sum(10.0 * (table[k[0]] + table[k[1]]) for k in keys)
     actual = run_in(contexts[kind], select_and_sum, keys, np.int32(6), table)
     np.testing.assert_allclose(actual, expected, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- intrinsics the public API rarely emits
+
+
+def _from_building_block(block):
+    return tff.framework.ConcreteComputation.from_building_block(block)
+
+
+def _binary_intrinsic(uri: str, operand_type):
+    pair = computation_types.StructType([operand_type, operand_type])
+    ref = building_blocks.Reference("pair", pair)
+    call = building_blocks.Call(building_blocks.Intrinsic(uri, computation_types.FunctionType(pair, operand_type)), ref)
+    return _from_building_block(building_blocks.Lambda("pair", pair, call))
+
+
+@pytest.mark.parametrize("kind", ["local", "mp-2"])
+def test_generic_operators_and_zero(contexts, kind):
+    vector = computation_types.TensorType(np.float32, [2])
+    a, b = np.array([1.0, 2.0], np.float32), np.array([4.0, 8.0], np.float32)
+    expected = {"generic_plus": a + b, "generic_multiply": a * b, "generic_divide": a / b}
+    for uri, value in expected.items():
+        for operand in (vector, computation_types.FederatedType(vector, placements.SERVER)):
+            np.testing.assert_allclose(run_in(contexts[kind], _binary_intrinsic(uri, operand), a, b), value)
+    zero_type = computation_types.FederatedType(
+        computation_types.StructType([("w", vector), ("n", np.int32)]), placements.SERVER)
+    zero = _from_building_block(building_blocks.Lambda(None, None, building_blocks.Intrinsic("generic_zero", zero_type)))
+    result = run_in(contexts[kind], zero)
+    np.testing.assert_array_equal(result["w"], [0.0, 0.0])
+    assert result["n"] == 0
+
+
+def test_federated_map_all_equal():
+    x_type = computation_types.FederatedType(np.float32, placements.SERVER)
+    x = building_blocks.Reference("x", x_type)
+    at_clients = computation_types.FederatedType(np.float32, placements.CLIENTS, all_equal=True)
+    broadcast = building_blocks.Call(building_blocks.Intrinsic(
+        "federated_broadcast", computation_types.FunctionType(x_type, at_clients)), x)
+    add_one_block = add_one_tf.to_building_block()
+    mapped = building_blocks.Call(building_blocks.Intrinsic(
+        "federated_map_all_equal",
+        computation_types.FunctionType([add_one_block.type_signature, at_clients], at_clients)),
+        building_blocks.Struct([add_one_block, broadcast]))
+    summed = building_blocks.Call(building_blocks.Intrinsic(
+        "federated_sum", computation_types.FunctionType(
+            computation_types.FederatedType(np.float32, placements.CLIENTS), x_type)), mapped)
+    comp = _from_building_block(building_blocks.Lambda("x", x_type, summed))
+    factory = mpx.local_executor_factory(default_num_clients=3)
+    assert run_in(mtff.create_sync_execution_context(factory), comp, np.float32(2.0)) == pytest.approx(9.0)
+
+
+@tff.tensorflow.computation(np.float32)
+def add_one_tf(x):
+    return x + 1.0
 
 
 # --------------------------------------------------------------------------- errors and the API around it
