@@ -91,7 +91,9 @@ import argparse, json
 p = argparse.ArgumentParser()
 p.add_argument("--fedavg-clients"); p.add_argument("--overhead-clients")
 p.add_argument("--rounds", type=int); p.add_argument("--out")
+p.add_argument("--learning-clients"); p.add_argument("--learning-rounds")  # tff.learning (issue 10)
 a = p.parse_args()
+assert a.learning_clients == "100,1000", a.learning_clients
 rows = [{"workload": w, "runtime": "tff", "clients": int(n), "rounds": a.rounds, "median": 2.0 * int(n),
          "min": 1.0, "max": 3.0, "samples": [1.0] * a.rounds, "memory": {}}
         for w, ns in (("fedavg", a.fedavg_clients), ("overhead", a.overhead_clients)) for n in ns.split(",")]

@@ -98,6 +98,49 @@ def kill_native_workers() -> None:
             pass
 
 
+def measure(clients: list[int], rounds: int, workers: int, with_native: bool = True) -> tuple[list, list]:
+    """Rows (schema of `mp-executors bench`) and allclose checks, ours and TFF's, in this process."""
+    import tensorflow as tf  # noqa: PLC0415 - after TF_CPP_MIN_LOG_LEVEL
+    import tensorflow_federated as tff  # noqa: PLC0415
+
+    import mp_executors as mpx  # noqa: PLC0415
+    import mp_executors.tff as mtff  # noqa: PLC0415
+
+    process = build_process(tf, tff)
+    factory = mpx.mp_executor_factory(num_workers=workers)
+    ours = mtff.create_sync_execution_context(factory)
+    native = tff.backends.native.create_sync_local_cpp_execution_context() if with_native else None
+    with tff.framework.get_context_stack().install(ours):
+        initial = process.initialize()
+    rows, checks = [], []
+    try:
+        for n in clients:
+            data = client_datasets(tf, n)
+            times, state_ours = run_rounds(tff, ours, process, initial, data, rounds)
+            rows.append({"workload": WORKLOAD, "runtime": "mp", "clients": n, "rounds": rounds,
+                         "workers": workers, **summarize(times)})
+            print(f"{WORKLOAD} mp({workers})  {n:>5d} clients: median {rows[-1]['median']:.3f} s  {times}",
+                  file=sys.stderr, flush=True)
+            if native is None:
+                continue
+            times, state_native = run_rounds(tff, native, process, initial, data, rounds)
+            rows.append({"workload": WORKLOAD, "runtime": "tff", "clients": n, "rounds": rounds, **summarize(times)})
+            print(f"{WORKLOAD} tff     {n:>5d} clients: median {rows[-1]['median']:.3f} s  {times}",
+                  file=sys.stderr, flush=True)
+            a = process.get_model_weights(state_ours).trainable
+            b = process.get_model_weights(state_native).trainable
+            close = all(np.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a, b))
+            diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+            ratio = rows[-2]["median"] / rows[-1]["median"]
+            checks.append({"clients": n, "allclose_rtol_1e-4": close, "max_abs_diff": diff, "ratio": ratio})
+            print(f"  ours/tff = {ratio:.3f}; weights allclose(rtol 1e-4): {close} (max |diff| {diff:.2e})",
+                  file=sys.stderr, flush=True)
+    finally:
+        factory.close()
+        kill_native_workers()
+    return rows, checks
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="100,1000", help="comma-separated client counts")
@@ -106,45 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="JSON file for the rows (printed anyway)")
     parser.add_argument("--no-native", action="store_true", help="ours only")
     args = parser.parse_args(argv)
+    clients = [int(c) for c in args.clients.split(",") if c]
+    rows, checks = measure(clients, args.rounds, args.workers, with_native=not args.no_native)
 
-    import tensorflow as tf  # noqa: PLC0415 - after TF_CPP_MIN_LOG_LEVEL
+    import tensorflow as tf  # noqa: PLC0415 - already imported by measure()
     import tensorflow_federated as tff  # noqa: PLC0415
 
-    import mp_executors as mpx  # noqa: PLC0415
-    import mp_executors.tff as mtff  # noqa: PLC0415
-
-    process = build_process(tf, tff)
-    factory = mpx.mp_executor_factory(num_workers=args.workers)
-    ours = mtff.create_sync_execution_context(factory)
-    native = None if args.no_native else tff.backends.native.create_sync_local_cpp_execution_context()
-    with tff.framework.get_context_stack().install(ours):
-        initial = process.initialize()
-    rows, checks = [], []
-    try:
-        for n in [int(c) for c in args.clients.split(",") if c]:
-            data = client_datasets(tf, n)
-            times, state_ours = run_rounds(tff, ours, process, initial, data, args.rounds)
-            rows.append({"workload": WORKLOAD, "runtime": "mp", "clients": n, "rounds": args.rounds,
-                         "workers": args.workers, **summarize(times)})
-            print(f"{WORKLOAD} mp({args.workers})  {n:>5d} clients: median {rows[-1]['median']:.3f} s  {times}",
-                  flush=True)
-            if native is None:
-                continue
-            times, state_native = run_rounds(tff, native, process, initial, data, args.rounds)
-            rows.append({"workload": WORKLOAD, "runtime": "tff", "clients": n, "rounds": args.rounds,
-                         **summarize(times)})
-            print(f"{WORKLOAD} tff     {n:>5d} clients: median {rows[-1]['median']:.3f} s  {times}", flush=True)
-            a = process.get_model_weights(state_ours).trainable
-            b = process.get_model_weights(state_native).trainable
-            close = all(np.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(a, b))
-            diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
-            ratio = rows[-2]["median"] / rows[-1]["median"]
-            checks.append({"clients": n, "allclose_rtol_1e-4": close, "max_abs_diff": diff, "ratio": ratio})
-            print(f"  ours/tff = {ratio:.3f}; weights allclose(rtol 1e-4): {close} (max |diff| {diff:.2e})",
-                  flush=True)
-    finally:
-        factory.close()
-        kill_native_workers()
     doc = {"rows": rows, "checks": checks,
            "versions": {"tensorflow_federated": tff.__version__, "tensorflow": tf.__version__,
                         "python": platform.python_version()}}

@@ -11,6 +11,10 @@ mp_executors, and this file imports nothing from it). The workloads are those of
   lr 0.1, unweighted server mean; client data passed as values every round (as FACTS.md
   measured it). Client data is generated exactly like `workloads.make_client`.
 - "overhead": `federated_sum` of one float32 per client.
+- "tff_learning" (with --learning-clients): tff.learning weighted FedAvg, runtime "tff" (TFF's
+  native runtime) and "mp" (the same TFF program on `mp_executors.tff`, --learning-workers
+  workers), see `tff_dropin_bench.py`; this one needs mp_executors installed in the venv
+  (setup_tff_venv.sh does it).
 
 Writes JSON with the schema of `mp-executors bench`: {"rows": [{"workload", "runtime":
 "tff", "clients", "rounds", "median", "min", "max", "samples", "memory"}], "versions": ...}.
@@ -129,6 +133,10 @@ def main(argv=None) -> int:
     parser.add_argument("--overhead-clients", type=_ints, default=[10, 100, 1000, 10000])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--learning-clients", type=_ints, default=[],
+                        help="also tff.learning FedAvg on TFF and on mp_executors.tff (tff_dropin_bench.py)")
+    parser.add_argument("--learning-workers", type=int, default=2)
+    parser.add_argument("--learning-rounds", type=int, default=4)
     args = parser.parse_args(argv)
 
     import tensorflow as tf  # noqa: PLC0415
@@ -161,6 +169,16 @@ def main(argv=None) -> int:
                          **summarize(samples), "memory": memory})
     finally:
         kill_children()
+    if args.learning_clients:
+        # The drop-in workload: TFF's own tff.learning program, native and on our worker pool.
+        from tff_dropin_bench import measure  # noqa: PLC0415 - a sibling script, needs mp_executors
+
+        learning_rows, checks = measure(args.learning_clients, args.learning_rounds, args.learning_workers)
+        rows += learning_rows
+        bad = [c for c in checks if not c["allclose_rtol_1e-4"]]
+        if bad:
+            print(f"peer: tff.learning results differ between TFF and mp_executors.tff: {bad}", file=sys.stderr)
+            return 1
     doc = {"rows": rows, "versions": {"tensorflow_federated": tff.__version__, "tensorflow": tf.__version__,
                                       "python": platform.python_version()}}
     with open(args.out, "w") as f:

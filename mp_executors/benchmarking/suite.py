@@ -296,6 +296,9 @@ class Suite:
         cmd = [str(python), str(script), "--fedavg-clients", ",".join(map(str, fedavg)),
                "--overhead-clients", ",".join(map(str, self.cfg.overhead_clients)),
                "--rounds", str(self.cfg.rounds), "--out", str(out)]
+        learning = [n for n in fedavg if n >= 100]
+        if learning:  # TFF's own tff.learning program, native and on mp_executors.tff (issue 10)
+            cmd += ["--learning-clients", ",".join(map(str, learning)), "--learning-rounds", str(min(4, self.cfg.rounds))]
         self.log("peer: " + " ".join(cmd))
         started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -307,7 +310,7 @@ class Suite:
         doc = json.loads(out.read_text())
         for row in doc["rows"]:
             self.rows.append(row)
-            self.log(f"  {row['workload']:8s} tff          {row['clients']:>6d} clients: median {row['median']:.4f} s")
+            self.log(f"  {row['workload']:8s} {row['runtime']:12s} {row['clients']:>6d} clients: median {row['median']:.4f} s")
         self.peer_versions = doc.get("versions", {})
         self.log(f"peer done in {time.perf_counter() - started:.0f} s")
 
@@ -385,7 +388,8 @@ def _fmt_s(x: float | None) -> str:
 def ratios(rows: list[dict]) -> list[dict]:
     """ours / peer and mp / floor at every client count where both exist."""
     out = []
-    for workload, ours_list in (("fedavg", ("mp", "mp-resident", "local", "ray")), ("overhead", ("mp", "local", "ray"))):
+    for workload, ours_list in (("fedavg", ("mp", "mp-resident", "local", "ray")), ("overhead", ("mp", "local", "ray")),
+                                ("tff_learning", ("mp",))):
         ns = sorted({r["clients"] for r in rows if r["workload"] == workload})
         for n in ns:
             peer = _median(rows, workload, "tff", n)
@@ -455,6 +459,14 @@ def markdown(doc: dict) -> str:
                     v = _median(rows, "overhead", rt, n)
                     cells.append("–" if v is None else f"{v / n * 1e6:.1f}")
                 lines.append(f"| {rt} | " + " | ".join(cells) + " |")
+        lines.append("")
+    tl_n = sorted({r["clients"] for r in rows if r["workload"] == "tff_learning"})
+    if tl_n:
+        lines += ["**TFF's own tff.learning program** (`build_weighted_fed_avg`, Keras 784→10, 100 examples per "
+                  "client, batch 100, 5 epochs) on TFF's runtime and on `mp_executors.tff` (2 workers):", "",
+                  *_table_head("runtime", tl_n)]
+        for rt, label in (("mp", "mp_executors.tff, mp"), ("tff", "TFF 0.87 native runtime")):
+            lines.append(f"| {label} | " + " | ".join(_fmt_s(_median(rows, "tff_learning", rt, n)) for n in tl_n) + " |")
         lines.append("")
     main_n = sorted({r["clients"] for r in rows if r["workload"] == "main"})
     if main_n:
