@@ -52,6 +52,8 @@ _context_stack.set_default_maker(_create_default_context)
 
 _LAZY = {
     "executors": "mp_executors.executors",
+    # Federated training (Keras models, FedAvg/FedOpt/DP, evaluation): imports TensorFlow.
+    "learning": "mp_executors.learning",
     "ExecutionContext": "mp_executors.context",
     "execution_context": "mp_executors.context",
     "get_execution_context": "mp_executors.context",
@@ -142,6 +144,7 @@ __all__ = [
     "get_execution_context",
     "infer_cardinalities",
     "infer_type",
+    "learning",
     "local_executor_factory",
     "mp_executor_factory",
     "ray_executor_factory",
