@@ -147,10 +147,11 @@ class CachingExecutorFactory(ExecutorFactory):
         executor of its own, so two calls never share one executor's state.
         """
         entry = self._get(self.resolve_cardinalities(cardinalities), lease=True)
+        holder = threading.get_ident()  # released for this thread, even if the block ends in another
         try:
             yield entry.executor
         finally:
-            self._release(entry)
+            self._release(entry, holder)
 
     def clean_up_executor(self, cardinalities: Cardinalities) -> None:
         """Drops the cached executor for `cardinalities`: closed now, or when its last lease ends."""
@@ -308,14 +309,13 @@ class CachingExecutorFactory(ExecutorFactory):
         """A build is changing the pool's shape (lock held to read it meaningfully)."""
         return self._builder is not None
 
-    def _release(self, entry: CacheEntry) -> None:
+    def _release(self, entry: CacheEntry, holder: int) -> None:
         to_close: list[CacheEntry] = []
         with self._lock:
             entry.leases -= 1
-            me = threading.get_ident()
-            self._lease_threads[me] -= 1
-            if self._lease_threads[me] <= 0:
-                del self._lease_threads[me]
+            self._lease_threads[holder] -= 1
+            if self._lease_threads[holder] <= 0:
+                del self._lease_threads[holder]
             self._unhold(entry)
             if not entry.leases and not entry.cached and not entry.closed:
                 entry.closed = True

@@ -166,7 +166,7 @@ class MpExecutorFactory(CachingExecutorFactory):
         if shared:
             logger.warning("mp_executors: interrupted; worker slot(s) %s also serve another running call: left "
                            "to finish the abandoned request", shared)
-        stopped = self.pool.interrupt(list(victims.values()))
+        stopped = self.pool.interrupt(None if executor is None else list(victims.values()))
         super().interrupt(executor)
         self._drop_executors_in(stopped)
 
