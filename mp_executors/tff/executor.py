@@ -219,18 +219,24 @@ def _looks_like_computation(value: Any) -> bool:
     return hasattr(value, "get_proto") and hasattr(value, "type_signature") and callable(value)
 
 
-def _datasets_as_client_data(value: Any, type_spec: t.Type | None) -> Any:
-    """Replaces every list of client datasets in an argument by a ClientData (see `tff.datasets`)."""
+def _datasets_as_client_data(value: Any, type_spec: t.Type | None, shipped: set[str], keys: list[str]) -> Any:
+    """Replaces every list of client datasets in an argument by a ClientData (see `tff.datasets`).
+
+    Datasets whose ClientData key is in `shipped` go as digests; every key used is added to `keys`.
+    """
     if isinstance(type_spec, t.FederatedType):
         if (type_spec.placement == t.CLIENTS and not type_spec.all_equal
                 and isinstance(type_spec.member, t.SequenceType) and datasets.is_dataset_list(value)):
-            return datasets.as_client_data(list(value), type_spec.member)
+            data = datasets.as_client_data(list(value), type_spec.member, shipped)
+            keys.append(data.key)
+            return data
         return value
     if isinstance(type_spec, t.StructType) and t.is_federated(type_spec):
         as_struct = structure.from_container(value)
         if as_struct is None or len(as_struct) != len(type_spec):
             return value  # our argument checks report what is wrong
-        return Struct((n, _datasets_as_client_data(v, e)) for (n, v), e in zip(as_struct.items(), type_spec))
+        return Struct((n, _datasets_as_client_data(v, e, shipped, keys))
+                      for (n, v), e in zip(as_struct.items(), type_spec))
     return value
 
 
@@ -254,14 +260,34 @@ class TffExecutorFactory(tff_executor_factory.ExecutorFactory):
         # Client datasets cross to worker processes as cached descriptions
         # (`tff.datasets`); in-process stacks take them as they are.
         self._ship_datasets = not isinstance(factory, LocalExecutorFactory)
+        #: ClientData keys of client datasets the workers received in a call that succeeded.
+        self._shipped: set[str] = set()
+        #: Calls whose client datasets had to be sent again (a worker lacked them).
+        self.datasets_resent = 0
         self._threads = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="mpx-tff")
         self._lock = threading.Lock()
 
     async def invoke(self, comp: TffComputation, argument: Any) -> Any:
-        if self._ship_datasets and argument is not None:
-            argument = _datasets_as_client_data(argument, comp.type_signature.parameter)
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._threads, self._context.invoke, comp, argument)
+        if not self._ship_datasets or argument is None:
+            return to_tff_value(await loop.run_in_executor(self._threads, self._context.invoke, comp, argument))
+        with self._lock:
+            shipped = set(self._shipped)
+        keys: list[str] = []
+        converted = _datasets_as_client_data(argument, comp.type_signature.parameter, shipped, keys)
+        try:
+            result = await loop.run_in_executor(self._threads, self._context.invoke, comp, converted)
+        except Exception as error:
+            if not (set(keys) & shipped and datasets.is_missing_dataset(error)):
+                raise
+            # A worker lacks datasets sent by digest (restarted, evicted): send the graphs again.
+            with self._lock:
+                self._shipped.difference_update(keys)
+                self.datasets_resent += 1
+            converted = _datasets_as_client_data(argument, comp.type_signature.parameter, set(), [])
+            result = await loop.run_in_executor(self._threads, self._context.invoke, comp, converted)
+        with self._lock:
+            self._shipped.update(keys)
         return to_tff_value(result)
 
     def create_executor(self, cardinalities: Any) -> TffExecutor:

@@ -566,6 +566,8 @@ def test_worker_killed_during_a_learning_round_is_retried(native, tmp_path):
             f.write("map 1 sigkill")
         weights, metrics = run_in(context, two_rounds, proc)
         assert os.path.exists(fault + ".fired"), "the fault did not fire: the test would prove nothing"
+        # The fresh worker had none of the datasets sent by digest: their graphs were sent again.
+        assert context.executor_factory.datasets_resent >= 1
         expected = native_result(native, "weighted_sgdm", two_rounds, proc)
         assert_close(weights.trainable, expected[0].trainable, rtol=1e-4)
         assert_close(metrics, expected[1], rtol=1e-4)
