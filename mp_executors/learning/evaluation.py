@@ -22,6 +22,7 @@ import mp_executors as mpx
 from mp_executors._tf import tf
 from mp_executors.learning import layout as layout_lib
 from mp_executors.learning.models import Model
+from mp_executors.learning.models import no_autograph as _no_autograph
 
 __all__ = ["FederatedEvaluation", "evaluate"]
 
@@ -70,6 +71,7 @@ def _build(model: Model, layout: layout_lib.Layout) -> mpx.Computation:
     names = list(model.names)
 
     @mpx.tf_computation(model.weights_type, layout.element_type)
+    @_no_autograph
     def client_eval(weights, element):
         x, y, mask = layout.examples(element)
         total, count, metric_sums = model.masked_sums([weights[n] for n in names], x, y, mask)

@@ -43,6 +43,7 @@ from mp_executors.learning import layout as layout_lib
 from mp_executors.learning import optimizers as opt_lib
 from mp_executors.learning import privacy as dp_lib
 from mp_executors.learning.models import Model
+from mp_executors.learning.models import no_autograph as _no_autograph
 
 __all__ = ["FedAvgConfig", "FedAvgProcess", "fed_avg"]
 
@@ -337,6 +338,7 @@ def _build_next(process: FedAvgProcess, layout: layout_lib.Layout) -> mpx.Comput
     broadcast_t = mpx.StructType(list(broadcast_t.items()), dict)
 
     @mpx.tf_computation(state_t)
+    @_no_autograph
     def prepare(state):
         round_seed, _ = _round_keys(cfg.seed, state["round"])
         out = {"weights": state["model"], "round_seed": round_seed}
@@ -345,6 +347,7 @@ def _build_next(process: FedAvgProcess, layout: layout_lib.Layout) -> mpx.Comput
         return out
 
     @mpx.tf_computation(broadcast_t, layout.element_type)
+    @_no_autograph
     def client_update(server, element):
         x, y, mask = layout.examples(element)
         weights = [server["weights"][n] for n in names]
@@ -365,6 +368,7 @@ def _build_next(process: FedAvgProcess, layout: layout_lib.Layout) -> mpx.Comput
                            + ([("unclipped", mpx.TensorType(np.float32))] if agg is not None else []), dict)
 
     @mpx.tf_computation(state_t, agg_t)
+    @_no_autograph
     def server_update(state, aggregated):
         _, noise_key = _round_keys(cfg.seed, state["round"])
         stats = aggregated["stats"]

@@ -37,6 +37,11 @@ __all__ = ["Model", "from_keras_model", "logreg", "mlp"]
 #: A per-example function of (y_true, y_pred) -> a tensor with one value per example.
 PerExample = Callable[[Any, Any], Any]
 
+#: For the bodies of our tf_computations: they use tf.while_loop / tf.where explicitly and
+#: Python `if` only on Python values, so AutoGraph has nothing to convert, and converting
+#: (every function they call, Keras included) cost ~5 s per process build here.
+no_autograph = tf.autograph.experimental.do_not_convert
+
 
 @dataclass(frozen=True)
 class Model:
