@@ -277,6 +277,15 @@ def from_keras_model(
             f"or a function returning one, got {type(model).__module__}.{type(model).__name__}. Keras 2 "
             "models (tf_keras, tf.keras before TF 2.16) have no stateless call and are not supported.")
     x_spec, y_spec = _input_specs(input_spec)
+    try:
+        model_inputs = list(model.inputs or [])
+    except (AttributeError, ValueError):  # a subclassed model has no symbolic inputs
+        model_inputs = []
+    if len(model_inputs) == 1 and len(model_inputs[0].shape) != len(x_spec.shape):
+        raise ValueError(
+            f"from_keras_model: input_spec x is {x_spec} but the model takes inputs of shape "
+            f"{tuple(model_inputs[0].shape)}; give the shape of a batch, first dimension the batch "
+            f"(e.g. tf.TensorSpec({[None, *model_inputs[0].shape[1:]]}, ...)).")
     if not model.built or not model.trainable_variables:
         # Build the variables with one example batch (outside any trace: they must exist before).
         model(tf.zeros([1, *[d or 1 for d in x_spec.shape[1:]]], x_spec.dtype))
