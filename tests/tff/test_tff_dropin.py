@@ -313,8 +313,8 @@ def learning_data(n=NUM_CLIENTS, seed=0):
     return out
 
 
-def two_rounds(process):
-    data = learning_data()
+def two_rounds(process, data=None):
+    data = learning_data() if data is None else data
     state = process.initialize()
     out = None
     for _ in range(2):
@@ -561,10 +561,13 @@ def test_worker_killed_during_a_learning_round_is_retried(native, tmp_path):
     try:
         context = mtff.create_sync_execution_context(factory)
         proc = process("weighted_sgdm")
-        run_in(context, two_rounds, proc)  # warm: the pool exists before the fault is armed
+        # The same dataset objects in both calls, as in a training loop: after the warm call
+        # they travel as digests, so the fresh worker must ask for them again.
+        data = learning_data()
+        run_in(context, two_rounds, proc, data)  # warm: the pool exists before the fault is armed
         with open(fault, "w") as f:
             f.write("map 1 sigkill")
-        weights, metrics = run_in(context, two_rounds, proc)
+        weights, metrics = run_in(context, two_rounds, proc, data)
         assert os.path.exists(fault + ".fired"), "the fault did not fire: the test would prove nothing"
         # The fresh worker had none of the datasets sent by digest: their graphs were sent again.
         assert context.executor_factory.datasets_resent >= 1
