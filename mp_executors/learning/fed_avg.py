@@ -14,7 +14,7 @@ One round, as the federated computation `next_computation(element_type)` traces 
         update g_i = w_server - w_i (the pseudo-gradient), clipped to the DP clip if any
     mean:  g = federated_mean(g_i, weight = examples | 1)      ─┐  one intrinsic each,
     DP:    g = (federated_sum(clipped g_i) + noise) / cohort   ─┤  one request per worker
-    stats = federated_sum(loss, examples seen, metrics, ...)   ─┘
+    stats = federated_sum(loss, examples seen, examples, 1)    ─┘
     state@SERVER ◄── server optimizer step on g; round + 1; (DP) next clip
 
 `local_steps=K`: every client takes K steps (passes of ceil(n / batch_size) batches, reshuffled
@@ -217,7 +217,7 @@ def _to_numpy(value: Any) -> Any:
 
 def local_training(model: Model, cfg: FedAvgConfig, layout: layout_lib.Layout, weights: list, x, y, mask, seed):
     """One client's local training (TensorFlow, fixed shapes): returns
-    (trained trainable weights, loss sum, examples seen, [metric sums], examples n).
+    (trained trainable weights, loss sum, examples seen, examples n).
 
     `seed`: an int32[2] stateless-RNG key (round seed, client id). Public so that tests can
     run it under `tf.vectorized_map`.
@@ -236,7 +236,6 @@ def local_training(model: Model, cfg: FedAvgConfig, layout: layout_lib.Layout, w
     keys = hashed_uniform(seed, [passes, size])
     perms = tf.argsort(keys + 2.0 * (1.0 - mask), axis=1, stable=True)
     offsets = tf.range(batch)
-    n_metrics = len(model.metrics)
 
     def full(trainable):
         out = list(weights)
@@ -244,45 +243,43 @@ def local_training(model: Model, cfg: FedAvgConfig, layout: layout_lib.Layout, w
             out[i] = w
         return out
 
-    def step(i, trainable, opt_state, loss_sum, seen, metric_sums):
+    def step(i, trainable, opt_state, loss_sum, seen):
         if cfg.local_steps is not None:
-            p, j = i // batches, i % batches
-            active = n > 0
+            # Every step is real (an empty client's steps have zero gradients and change nothing).
+            p, j, active = i // batches, i % batches, None
         else:
             p, j = i // max_batches, i % max_batches
-            active = tf.logical_and(j < batches, n > 0)
+            active = j < batches
         rows = j * batch + offsets
         valid = tf.cast(rows < size, tf.float32)
         idx = tf.gather(tf.gather(perms, p), tf.minimum(rows, size - 1))
         xb, yb, mb = tf.gather(x, idx), tf.gather(y, idx), tf.gather(mask, idx) * valid
         with tf.GradientTape() as tape:
             tape.watch(trainable)
-            total, count, msums = model.masked_sums(full(trainable), xb, yb, mb)
+            total, count, _ = model.masked_sums(full(trainable), xb, yb, mb, with_metrics=False)
             loss = total / tf.maximum(count, 1.0)
             if cfg.mu > 0:
                 loss += 0.5 * cfg.mu * tf.add_n([tf.reduce_sum(tf.square(w - w0)) for w, w0 in zip(trainable, start)])
         grads = tape.gradient(loss, trainable)
         grads = [tf.zeros_like(w) if g is None else g for w, g in zip(trainable, grads)]
         new_state, new_w = cfg.client_optimizer.apply(opt_state, trainable, grads)
+        if active is None:
+            return i + 1, new_w, new_state, loss_sum + total, seen + count
 
+        # local_epochs: the iterations past this client's own ceil(n / B) batches of a pass
+        # leave everything as it was (a select, not a branch: it vectorizes).
         def keep(new, old):
             return tf.where(active, new, old)
 
-        trainable = [keep(a, b) for a, b in zip(new_w, trainable)]
-        opt_state = tf.nest.map_structure(keep, new_state, opt_state)
         on = tf.cast(active, tf.float32)
-        loss_sum += on * total
-        seen += on * count
-        metric_sums = [s + on * m for s, m in zip(metric_sums, msums)]
-        return i + 1, trainable, opt_state, loss_sum, seen, metric_sums
+        return (i + 1, [keep(a, b) for a, b in zip(new_w, trainable)],
+                tf.nest.map_structure(keep, new_state, opt_state), loss_sum + on * total, seen + on * count)
 
     opt_state = _initial_state_tf(cfg.client_optimizer, start)
     zero = tf.constant(0.0)
-    _, trained, _, loss_sum, seen, metric_sums = tf.while_loop(
-        lambda i, *_: i < num_steps, step,
-        (tf.constant(0), start, opt_state, zero, zero, [zero] * n_metrics),
-    )
-    return trained, loss_sum, seen, metric_sums, n
+    _, trained, _, loss_sum, seen = tf.while_loop(
+        lambda i, *_: i < num_steps, step, (tf.constant(0), start, opt_state, zero, zero))
+    return trained, loss_sum, seen, n
 
 
 def _mix32(x):
@@ -330,7 +327,6 @@ def _build_next(process: FedAvgProcess, layout: layout_lib.Layout) -> mpx.Comput
     state_t = process.state_type()
     weights_t = model.weights_type
     slots = list(cfg.server_optimizer.slots)
-    n_metrics = len(model.metrics)
 
     broadcast_t = {"weights": weights_t, "round_seed": mpx.TensorType(np.int32)}
     if agg is not None:
@@ -352,9 +348,9 @@ def _build_next(process: FedAvgProcess, layout: layout_lib.Layout) -> mpx.Comput
         x, y, mask = layout.examples(element)
         weights = [server["weights"][n] for n in names]
         seed = tf.stack([server["round_seed"], layout.client_id(element)])
-        trained, loss_sum, seen, metric_sums, n = local_training(model, cfg, layout, weights, x, y, mask, seed)
+        trained, loss_sum, seen, n = local_training(model, cfg, layout, weights, x, y, mask, seed)
         update = [w0 - w for w0, w in zip([server["weights"][n] for n in train], trained)]
-        stats = tf.stack([loss_sum, seen, *metric_sums, n, tf.constant(1.0)])
+        stats = tf.stack([loss_sum, seen, n, tf.constant(1.0)])
         if agg is not None:
             update, unclipped = dp_lib.clip_update(update, server["clip"])
             return {"update": dict(zip(train, update)), "unclipped": unclipped, "stats": stats}
@@ -373,7 +369,7 @@ def _build_next(process: FedAvgProcess, layout: layout_lib.Layout) -> mpx.Comput
         _, noise_key = _round_keys(cfg.seed, state["round"])
         stats = aggregated["stats"]
         loss_sum, seen = stats[0], stats[1]
-        n_examples, n_clients = stats[2 + n_metrics], stats[3 + n_metrics]
+        n_examples, n_clients = stats[2], stats[3]
         update = [aggregated["update"][n] for n in train]
         metrics: dict[str, Any] = {}
         new_state: dict[str, Any] = {}
@@ -401,7 +397,6 @@ def _build_next(process: FedAvgProcess, layout: layout_lib.Layout) -> mpx.Comput
         denom = tf.maximum(seen, 1.0)
         metrics = {
             "loss": loss_sum / denom,
-            **{m: stats[2 + i] / denom for i, m in enumerate(model.metric_names)},
             "num_examples": n_examples,
             "num_clients": n_clients,
             **metrics,

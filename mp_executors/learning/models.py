@@ -113,11 +113,15 @@ class Model:
     def predict(self, weights: list, x) -> Any:
         return self.forward(list(weights), x)
 
-    def masked_sums(self, weights: list, x, y, mask) -> tuple[Any, Any, list]:
-        """(sum of losses, number of examples, [sum of each metric]) over rows with mask 1."""
+    def masked_sums(self, weights: list, x, y, mask, with_metrics: bool = True) -> tuple[Any, Any, list]:
+        """(sum of losses, number of examples, [sum of each metric]) over rows with mask 1.
+
+        `with_metrics=False` leaves the metrics out (an empty list): local training steps
+        need only the loss, and every op counts in a step for a small model.
+        """
         out = self.predict(weights, x)
         sums = [tf.reduce_sum(mask * _per_example(self.loss_fn(y, out), "the loss"))]
-        for name, fn in self.metrics:
+        for name, fn in self.metrics if with_metrics else ():
             sums.append(tf.reduce_sum(mask * _per_example(fn(y, out), f"metric {name!r}")))
         return sums[0], tf.reduce_sum(mask), sums[1:]
 

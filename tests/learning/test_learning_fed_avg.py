@@ -133,7 +133,7 @@ def test_local_training_vectorizes_without_a_fallback():
 
         def one(args, process=process, layout=layout, weights=weights):
             x, y, mask, cid = args
-            trained, loss_sum, seen, _, _ = local_training(
+            trained, loss_sum, seen, _ = local_training(
                 model, process.config, layout, weights, x, y, mask, tf.stack([tf.constant(7), cid]))
             return trained, loss_sum, seen
 
