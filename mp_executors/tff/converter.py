@@ -10,24 +10,10 @@ SHA-256 of its serialized bytes, so a `next` called every round converts once).
     struct, selection
     placement           PlacementLiteral
     literal             Data (a numpy array)
-    tensorflow          CompiledComputation: TFF's GraphDef, rewritten so that it
-                        runs as one self-contained function call (see `_tensorflow`)
+    tensorflow          CompiledComputation: TFF's GraphDef, rewritten once to run
+                        as one self-contained function call (`tff.graphs`)
     intrinsic           our intrinsic of the same URI, or a small AST that
-                        computes the same thing from ours (`_lower_intrinsic`)
-
-TFF's graphs, as TFF's own runtime runs them: parameters and results are bound
-to tensor names (a sequence to a variant tensor holding the dataset); the
-`initialize_op` runs before anything else in the graph (Keras models' variables
-live inside the graphs: they are created, initialized from their initializers,
-assigned and read within one call); the `session_token_tensor_name` placeholder
-is fed. To make that one function call, the GraphDef is rewritten once, here:
-every variable becomes anonymous (created afresh by each call, as TF2's eager
-variables are, so that calls never share state, even when the clients of a
-shard run concurrently inside one graph), every node that does not feed the
-initializer gets a control dependency on it, and the session token becomes a
-constant. The result is an ordinary `TensorFlowFunction`: it pickles as bytes,
-travels to the workers once (cached there by digest) and runs with no TFF
-installed in the worker.
+                        computes the same thing from ours (`lower_intrinsic`)
 
 Secure aggregation intrinsics are emulated in the clear, as TFF's simulation
 runtimes do: `federated_secure_sum` and `federated_secure_sum_bitwidth` are
@@ -67,10 +53,6 @@ _DTYPES = {
     22: np.uint32, 23: np.uint64, 19: np.float16, 1: np.float32, 2: np.float64, 8: np.complex64,
     18: np.complex128, 7: object,
 }
-
-
-class ConversionError(TypeError):
-    """A TFF computation uses a construct this runtime cannot represent."""
 
 
 def convert_type(type_pb: pb.Type) -> t.Type:
