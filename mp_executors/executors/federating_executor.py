@@ -44,6 +44,7 @@ from mp_executors.executors.client_shard import ClientDataCache, ClientShard, me
 from mp_executors.executors.eager_tf_executor import EagerTFExecutor, EagerValue
 from mp_executors.executors.executor_base import Executor, ExecutorValue, element_items
 from mp_executors.executors.reference_resolving_executor import ReferenceResolvingExecutor
+from mp_executors.executors.vectorized_map import MapPlans
 
 
 class ShardTarget(Protocol):
@@ -74,14 +75,16 @@ class ShardTarget(Protocol):
 class InProcessShard:
     """A ClientShard in this process (the local stack's shard target).
 
-    `client_data` is the ClientData cache its owner (the local factory)
-    shares among all its shards; without one, the shard has its own.
+    `client_data` is the ClientData cache and `map_plans` the map plans its
+    owner (the local factory) shares among all its shards; without them, the
+    shard has its own.
     """
 
     def __init__(self, start: int, stop: int, device: str | None = None,
-                 client_data: ClientDataCache | None = None):
+                 client_data: ClientDataCache | None = None, map_plans: MapPlans | None = None):
         self.start, self.stop = start, stop
-        self.shard = ClientShard(start, stop, device, client_data if client_data is not None else ClientDataCache())
+        self.shard = ClientShard(start, stop, device, client_data if client_data is not None else ClientDataCache(),
+                                 map_plans)
 
     def prepare(self, request: rq.ShardRequest) -> rq.ShardRequest:
         return request

@@ -21,6 +21,7 @@ from mp_executors.executors.eager_tf_executor import EagerTFExecutor
 from mp_executors.executors.federating_executor import FederatingExecutor, InProcessShard
 from mp_executors.executors.reduction_blocks import BLOCK_SIZE, split_clients
 from mp_executors.executors.reference_resolving_executor import ReferenceResolvingExecutor
+from mp_executors.executors.vectorized_map import MapPlans
 from mp_executors.factories.base import CachingExecutorFactory
 
 
@@ -40,8 +41,10 @@ class LocalExecutorFactory(CachingExecutorFactory):
         self.max_fanout = max_fanout
         self.server_device = server_device
         self.client_devices = tuple(client_devices)
-        # One cache of built ClientData columns for all shards of all executors this factory builds.
+        # One cache of built ClientData columns, and one set of map plans (vectorized or
+        # looped, decided once per computation), for all shards of all executors it builds.
         self.client_data = ClientDataCache()
+        self.map_plans = MapPlans()
 
     def _build(self, num_clients: int) -> ReferenceResolvingExecutor:
         shards = []
@@ -49,7 +52,7 @@ class LocalExecutorFactory(CachingExecutorFactory):
             groups = -(-num_clients // self.max_fanout)
             devices = self.client_devices or (None,)
             shards = [
-                InProcessShard(a, b, devices[i % len(devices)], self.client_data)
+                InProcessShard(a, b, devices[i % len(devices)], self.client_data, self.map_plans)
                 for i, (a, b) in enumerate(split_clients(num_clients, groups, BLOCK_SIZE))
             ]
         federating = FederatingExecutor(EagerTFExecutor(self.server_device), shards, num_clients)

@@ -97,13 +97,21 @@ def build_computations(model: models.ModelSpec, data: datasets.DatasetSpec, cfg:
         # One permutation per pass over the data: real rows in random order first, padding
         # last, so a pass visits ceil(n / batch) batches and padded rows are (almost) never
         # touched. With local_steps, ceil(steps / batches) passes (the last may be partial).
-        passes = epochs if steps is None else (num_steps + batches - 1) // batches
-        keys = tf.random.stateless_uniform(tf.stack([passes, size]), seed=tf.stack([round_seed, client_id]))
+        # Shapes do not depend on the client's data, so a shard vectorizes this over its clients
+        # (executors/vectorized_map.py): keys for the most passes any client can need (`steps`
+        # with local_steps, as batches >= 1); a client uses its first ceil(steps / batches) rows,
+        # the same numbers a [passes, size] draw gives (the stateless stream is a prefix).
+        keys = tf.random.stateless_uniform([epochs if steps is None else steps, size],
+                                           seed=tf.stack([round_seed, client_id]))
         perms = tf.argsort(keys + 2.0 * (1.0 - train.mask), axis=1, stable=True)
 
         def step(i, weights, loss_sum, seen):
-            rows = perms[i // batches, (i % batches) * batch:(i % batches) * batch + batch]
-            x, y, m = tf.gather(train.x, rows), tf.gather(train.y, rows), tf.gather(train.mask, rows)
+            # `batch` rows of pass i // batches (gathers, not a slice with per-client bounds); a
+            # position past the end repeats the last row with mask 0, as if the batch were short.
+            pos = (i % batches) * batch + tf.range(batch)
+            rows = tf.gather(tf.gather(perms, i // batches), tf.minimum(pos, size - 1))
+            x, y = tf.gather(train.x, rows), tf.gather(train.y, rows)
+            m = tf.gather(train.mask, rows) * tf.cast(pos < size, tf.float32)
             with tf.GradientTape() as tape:
                 tape.watch(weights)
                 total, _, count = models.masked_sums(model, weights, x, y, m)

@@ -13,6 +13,8 @@ keeps between requests:
                   (`transport.AttachedSegments`)
     client_data   the columns built from `ClientData` descriptions, shared by
                   this process's shards (`client_shard.ClientDataCache`)
+    map_plans     how each computation's maps run here, vectorized or looped
+                  (`vectorized_map.MapPlans`), shared by this process's shards
 
 `worker.py` holds the importable functions loky and Ray call (they only
 forward to this object); this module imports TensorFlow, so only
@@ -30,6 +32,7 @@ import psutil
 from mp_executors._tf import tf
 from mp_executors.executors import shard_requests as rq
 from mp_executors.executors.client_shard import ClientDataCache, ClientShard
+from mp_executors.executors.vectorized_map import MapPlans
 from mp_executors.workers import transport
 from mp_executors.workers.faults import maybe_inject_fault
 
@@ -43,9 +46,10 @@ class Worker:
         self.functions: dict[str, Any] = {}
         self.segments = transport.AttachedSegments()
         self.client_data = ClientDataCache(client_data_entries_per_shard)
+        self.map_plans = MapPlans()
 
     def open_shard(self, shard_id: int, start: int, stop: int, device: str | None = None) -> None:
-        shard = ClientShard(start, stop, device, self.client_data)
+        shard = ClientShard(start, stop, device, self.client_data, self.map_plans)
         shard.location = f" in worker slot {self.slot_index} (pid {os.getpid()})"
         self.shards[shard_id] = shard
 
@@ -96,6 +100,7 @@ class Worker:
             "functions": sorted(self.functions),
             "client_data_entries": len(self.client_data),
             "client_data_capacity": self.client_data.capacity,
+            "map_plans": self.map_plans.describe(),
             "attached_segments": self.segments.names(),
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
