@@ -45,7 +45,25 @@ def import_tensorflow():
         import tensorflow as tf  # noqa: PLC0415 - deliberately lazy and silenced
 
         tf.get_logger().setLevel("ERROR")
+    # Outside the silenced block: a callback may fork (workers.fork_server).
+    callbacks, _after_import[:] = list(_after_import), []
+    for callback in callbacks:
+        callback()
     return tf
+
+
+#: Called once, right after this process's TensorFlow import (see `after_import`).
+_after_import: list = []
+
+
+def after_import(callback) -> None:
+    """Calls `callback()` right after this process imports TensorFlow through `import_tensorflow`.
+
+    `workers.fork_server` forks its server there: TensorFlow is imported and
+    nothing has initialised it yet.
+    """
+    if callback not in _after_import:
+        _after_import.append(callback)
 
 
 def __getattr__(name: str):

@@ -37,12 +37,19 @@ SCRIPT = textwrap.dedent(
     import psutil
 
     import mp_executors as mpx
+    from mp_executors.workers import fork_server
+
+    if sys.argv[2] == "spawned":
+        # TensorFlow initialised here before the factory: the fork server cannot be
+        # forked from this process, it is spawned and imports TensorFlow itself.
+        import tensorflow as tf
+        assert float(tf.constant(1.0) + 1.0) == 2.0
+    factory = mpx.mp_executor_factory(num_workers=2)
 
     @mpx.federated_computation(mpx.FederatedType(mpx.TensorType(np.float32), mpx.CLIENTS))
     def total(xs):
         return mpx.federated_sum(xs)
 
-    factory = mpx.mp_executor_factory(num_workers=2)
     with mpx.execution_context(factory):
         result = total([float(i) for i in range(16)])
     assert result == 120.0, result
@@ -50,7 +57,14 @@ SCRIPT = textwrap.dedent(
     workers = factory.pool.pids()
     others = [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in workers]
     times = {str(p): psutil.Process(p).create_time() for p in workers + others}
-    print(json.dumps({"workers": workers, "others": others, "create_times": times}), flush=True)
+    server = fork_server.server()
+    keys = ("slot", "pid", "cpu_affinity", "intra_op_threads", "inter_op_threads", "cuda_visible_devices", "start")
+    print(json.dumps({
+        "workers": workers, "others": others, "create_times": times,
+        "server": {"pid": server.pid, "mode": server.mode},
+        "reports": [{k: r[k] for k in keys} for r in factory.pool.reports()],
+        "slots": [s.to_dict() for s in factory.pool.plan.slots],
+    }), flush=True)
     if sys.argv[1] == "sleep":
         time.sleep(600)
     # "exit": leave without closing the factory.
@@ -71,7 +85,7 @@ def _parse(line: str):
     times = {int(k): v for k, v in info["create_times"].items()}
     workers = {pid: times[pid] for pid in info["workers"]}
     others = {pid: times[pid] for pid in info["others"]}
-    return workers, others
+    return workers, others, info
 
 
 def _report(alive: dict[int, str]) -> str:
@@ -79,35 +93,47 @@ def _report(alive: dict[int, str]) -> str:
 
 
 class Scripts:
-    """Both scenarios' scripts, started together so that their start-ups overlap.
+    """The scenarios' scripts, started together so that their start-ups overlap.
 
-    The sleeping one is SIGKILLed as soon as it has printed its pids, so that the
-    15 s allowed to its workers runs while the other tests run.
+    - "sleeper": workers forked from a fork server forked from the script
+      (the default path); SIGKILLed as soon as it has printed its pids, so
+      that the 15 s allowed to its workers runs while the other tests run.
+    - "spawned": the same, but the script has run TensorFlow before creating
+      the factory, so its fork server is spawned; SIGKILLed too.
+    - "exiter": the default path; exits normally without closing the factory.
     """
+
+    ARGS = {"sleeper": ("sleep", "forked"), "spawned": ("sleep", "spawned"), "exiter": ("exit", "forked")}
 
     def __init__(self, directory):
         script = directory / "call_then_exit_or_sleep.py"
         script.write_text(SCRIPT)
         common = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_script_env())
-        self.sleeper = subprocess.Popen([sys.executable, str(script), "sleep"], **common)
-        self.exiter = subprocess.Popen([sys.executable, str(script), "exit"], **common)
+        self.procs = {name: subprocess.Popen([sys.executable, str(script), *args], **common)
+                      for name, args in self.ARGS.items()}
+        self.exiter = self.procs["exiter"]
         self.reported: dict[int, float] = {}
+        self.killed: dict[str, tuple] = {}
 
-    def kill_sleeper(self):
-        proc = self.sleeper
-        workers, others = _parse(_read_line(proc, 180.0))
+    def kill(self, name: str):
+        """Waits for the script's report, checks the process tree, SIGKILLs the script."""
+        proc = self.procs[name]
+        workers, others, info = _parse(_read_line(proc, 240.0))
         self.reported.update({**workers, **others})
-        for pid in workers:
-            assert psutil.Process(pid).ppid() == proc.pid, describe(pid)
+        server = info["server"]
+        assert server["mode"] == self.ARGS[name][1], info
+        assert server["pid"] in others, info  # the fork server is the script's child...
+        for pid in workers:  # ...and the workers' parent
+            assert psutil.Process(pid).ppid() == server["pid"], describe(pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        return workers, others, time.monotonic()
+        self.killed[name] = (workers, others, time.monotonic(), info)
 
     def close(self) -> None:
         # Never leave the orphans of a failed run behind: kill the pids the scripts
         # reported (and only those, checked by start time). First: they hold the
         # scripts' stdout/stderr pipes open.
-        for proc in (self.sleeper, self.exiter):
+        for proc in self.procs.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
@@ -118,7 +144,7 @@ class Scripts:
                     p.kill()
             except psutil.Error:
                 pass
-        for proc in (self.sleeper, self.exiter):
+        for proc in self.procs.values():
             for stream in (proc.stdout, proc.stderr):
                 stream.close()
 
@@ -127,7 +153,8 @@ class Scripts:
 def scripts(tmp_path_factory):
     s = Scripts(tmp_path_factory.mktemp("cleanup"))
     try:
-        s.killed = s.kill_sleeper()
+        s.kill("sleeper")
+        s.kill("spawned")
         yield s
     finally:
         s.close()
@@ -169,7 +196,7 @@ def test_normal_exit_without_close_leaves_no_process(scripts):
     lines = _stdout_lines(proc, 180.0)
     exited = time.monotonic()
     assert proc.returncode == 0, proc.stderr.read()[-3000:]
-    workers, others = _parse(lines[-1])
+    workers, others, _ = _parse(lines[-1])
     scripts.reported.update({**workers, **others})
     assert len(workers) == 2
     alive = wait_gone(workers, max(0.0, 10.0 - (time.monotonic() - exited)))
@@ -198,14 +225,33 @@ def test_close_stops_every_worker():
     assert alive == {}, f"workers still there 10 s after close(): {_report(alive)}"
 
 
-def test_sigkilled_parent_workers_exit(scripts):
-    workers, _, killed_at = scripts.killed
+@pytest.mark.parametrize("name", ["sleeper", "spawned"], ids=["forked-server", "spawned-server"])
+def test_sigkilled_parent_workers_exit(scripts, name):
+    workers, _, killed_at, _ = scripts.killed[name]
     alive = wait_gone(workers, max(0.0, 15.0 - (time.monotonic() - killed_at)))
     assert alive == {}, f"workers alive 15 s after their parent was SIGKILLed: {_report(alive)}"
 
 
-def test_sigkilled_parent_helper_processes_exit(scripts):
-    _, others, killed_at = scripts.killed
-    assert others, "expected the script's resource tracker(s) among its children"
+@pytest.mark.parametrize("name", ["sleeper", "spawned"], ids=["forked-server", "spawned-server"])
+def test_sigkilled_parent_helper_processes_exit(scripts, name):
+    """The fork server (and the resource tracker) go too."""
+    _, others, killed_at, info = scripts.killed[name]
+    assert info["server"]["pid"] in others
     alive = wait_gone(others, max(1.0, 15.0 - (time.monotonic() - killed_at)))
     assert alive == {}, f"helper processes alive 15 s after their parent was SIGKILLed: {_report(alive)}"
+
+
+def test_spawned_server_workers_have_their_slots_settings(scripts):
+    """A spawned fork server imported TensorFlow without initialising it: each forked
+    worker still gets its own slot's CPUs, thread counts and CUDA_VISIBLE_DEVICES."""
+    _, _, _, info = scripts.killed["spawned"]
+    reports, slots = info["reports"], info["slots"]
+    assert len(reports) == len(slots) == 2
+    for report, slot in zip(reports, slots):
+        assert report["slot"] == slot["index"]
+        assert sorted(report["cpu_affinity"]) == sorted(slot["cpus"])
+        assert report["intra_op_threads"] == slot["intra_op_threads"]
+        assert report["inter_op_threads"] == slot["inter_op_threads"]
+        assert report["cuda_visible_devices"] == ""
+        # Forked with TensorFlow imported, and nothing had initialised it.
+        assert report["start"] == {"tensorflow_preimported": True, "pristine": True}

@@ -10,6 +10,7 @@ give both of 2 workers a shard: the tests below use 12 or more.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -23,6 +24,9 @@ from _pool_helpers import children_count, fake_gpu_machine, identity, wait_gone
 import mp_executors as mpx
 from mp_executors.factories.mp import MpExecutorFactory
 from mp_executors.machine import detect_machine
+from mp_executors.planning import WorkerSlot
+from mp_executors.workers import fork_server
+from mp_executors.workers.pool import WorkerPool
 
 F32 = mpx.TensorType(np.float32)
 CLIENTS_F32 = mpx.FederatedType(F32, mpx.CLIENTS)
@@ -133,6 +137,7 @@ def pool2():
         pytest.param(dict(memory_per_worker=0), "memory_per_worker", id="memory_per_worker=0"),
         pytest.param(dict(devices="tpu"), "devices", id="devices=tpu"),
         pytest.param(dict(devices=["7"]), "7", id="devices=[7]"),
+        pytest.param(dict(start_method="fork"), "start_method", id="start_method=fork"),
     ],
 )
 def test_bad_sizing_arguments_raise_before_any_process_starts(kwargs, mentions):
@@ -185,10 +190,59 @@ def test_workers_are_pinned_as_planned(pool2):
         assert report["cuda_visible_devices"] == ""
         assert report["tensorflow_imported"] is True
         assert report["rss"] > 100 * 2**20
+        # Forked from the fork server, which had imported TensorFlow and not initialised it.
+        assert report["start"] == {"tensorflow_preimported": True, "pristine": True}
+        assert psutil.Process(report["pid"]).ppid() == fork_server.server().pid
     if len(reports) <= len(USABLE_CPUS):
         sets = [set(r["cpu_affinity"]) for r in reports]
         assert not (sets[0] & sets[1]), sets
         assert sets[0] | sets[1] <= set(USABLE_CPUS)
+
+
+def tf_thread_names() -> list[str]:
+    """Worker-side helper: runs a TensorFlow op here, then lists this process's thread names."""
+    x = tf.ones((64, 64))
+    float(tf.reduce_sum(tf.matmul(x, x)))
+    return [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+
+
+def worker_environment() -> dict[str, str]:
+    """Worker-side helper."""
+    return dict(os.environ)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="thread names are read from procfs")
+def test_forked_workers_apply_their_own_slot_settings():
+    """Thread counts, CPUs and CUDA_VISIBLE_DEVICES reach each forked worker, not the server's.
+
+    Slots made so that TensorFlow's defaults would differ from the settings:
+    inter-op threads 2 on one CPU (the default follows the CPU count), and
+    1 on the other. TensorFlow names its inter-op threads tf_Compute.
+    """
+    cpu = USABLE_CPUS[0]
+    other = USABLE_CPUS[-1]
+    base = MpExecutorFactory(num_workers=1).plan(1)
+    slots = (
+        WorkerSlot(0, (cpu,), intra_op_threads=1, inter_op_threads=2),
+        WorkerSlot(1, (other,), intra_op_threads=1, inter_op_threads=1, gpu="3"),
+    )
+    pool = WorkerPool()
+    assert pool.start_method == "forkserver"
+    try:
+        pool.fit(dataclasses.replace(base, num_workers=2, slots=slots))
+        reports = pool.reports()
+        names = [s.submit(tf_thread_names).result() for s in pool.slots]
+        envs = [s.submit(worker_environment).result() for s in pool.slots]
+    finally:
+        pool.close()
+    for report, slot, threads, env in zip(reports, slots, names, envs):
+        assert report["start"] == {"tensorflow_preimported": True, "pristine": True}
+        assert report["cpu_affinity"] == [slot.cpus[0]]
+        assert report["inter_op_threads"] == slot.inter_op_threads
+        assert threads.count("tf_Compute") == slot.inter_op_threads, threads
+        assert env["TF_NUM_INTEROP_THREADS"] == str(slot.inter_op_threads)
+        assert env["TF_NUM_INTRAOP_THREADS"] == "1"
+    assert [r["cuda_visible_devices"] for r in reports] == ["", "3"]
 
 
 def _gpu_factory_check(factory, expected_gpus):

@@ -9,7 +9,9 @@
 The pool is sized when a call arrives (`planning.plan_pool` from the
 inferred number of clients and the machine), started lazily, kept warm
 across calls, and resized when a later call's client count needs a
-different plan.
+different plan. Its workers are forked from a fork server
+(`workers.fork_server`) that the factory starts when it is created, so that
+the first call does not wait for workers to import TensorFlow.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from mp_executors.factories.base import CacheEntry, CachingExecutorFactory
 from mp_executors.factories.local import check_common_arguments
 from mp_executors.machine import detect_machine
 from mp_executors.planning import PoolPlan, plan_pool
+from mp_executors.workers import fork_server
 from mp_executors.workers.pool import WorkerPool
 
 logger = logging.getLogger("mp_executors")
@@ -56,6 +59,11 @@ class MpExecutorFactory(CachingExecutorFactory):
         # Validate every sizing argument now, before any call dispatches work.
         self.plan(num_workers if is_int(num_workers) else 1)
         self.pool = WorkerPool(start_method, lock=self._lock)  # the factory's one lock
+        if self.pool.start_method == "forkserver":
+            # Workers fork from a server that has imported TensorFlow: start it now
+            # (or at the end of this process's own TensorFlow import), so that it is
+            # ready by the first call.
+            fork_server.prestart()
 
     #: How long a machine reading (free memory, CPUs) is reused for planning.
     MACHINE_READING_SECONDS = 5.0
@@ -194,7 +202,11 @@ def mp_executor_factory(default_num_clients: int = 0, max_fanout: int = 100, ser
       oversubscribe: an explicit num_workers (or memory_per_worker) that the
         available memory cannot hold is a ValueError before any process
         starts; True starts them anyway, with a warning.
-      start_method: 'loky' (default) or 'spawn'.
+      start_method: 'forkserver' (default): workers are forked, in a fraction
+        of a second, from a server process that has imported TensorFlow once
+        (forked from this process right after its own TensorFlow import, or
+        spawned); 'loky' or 'spawn': each worker is a fresh interpreter that
+        imports TensorFlow itself (seconds).
       max_retries: times a call is retried on a fresh worker after a worker
         process dies (computations are functional, so the retry gives the
         same result); then `mpx.WorkerCrashedError` is raised.

@@ -76,13 +76,38 @@ from mp_executors.core.client_data import ClientData
 from mp_executors.errors import WorkerCrashedError
 from mp_executors.executors import shard_requests as rq
 from mp_executors.planning import PoolPlan, WorkerSlot
-from mp_executors.workers import transport, worker
+from mp_executors.workers import fork_server, transport, worker
 
 logger = logging.getLogger("mp_executors")
 
 # A worker holding client data legitimately grows by more than loky's 300 MB
 # "leak" threshold; without this loky would silently replace it (and its data).
 _NO_LEAK_RESTART = str(1 << 50)
+
+
+#: How worker processes start (`mp_executor_factory(start_method=...)`):
+#: 'forkserver' forks them from a process that has imported TensorFlow once
+#: (`workers.fork_server`; sub-second); 'loky' / 'spawn' start a fresh
+#: interpreter per worker, which imports TensorFlow itself (seconds).
+START_METHODS = ("forkserver", "loky", "spawn", "loky_init_main")
+DEFAULT_START_METHOD = "forkserver"
+
+
+def check_start_method(start_method: str | None) -> str:
+    """The start method to use; a ValueError naming the choices for anything else."""
+    method = DEFAULT_START_METHOD if start_method is None else start_method
+    if method not in START_METHODS:
+        raise ValueError(
+            f"start_method must be one of {', '.join(map(repr, START_METHODS))} (default "
+            f"{DEFAULT_START_METHOD!r}), got {start_method!r}; plain 'fork' is unsafe once TensorFlow has run."
+        )
+    return method
+
+
+def _context(start_method: str) -> Any:
+    if start_method == "forkserver":
+        return fork_server.get_context()
+    return loky.backend.get_context(start_method)
 
 
 class SlotUse:
@@ -151,7 +176,7 @@ class WorkerSlotProcess(SlotUse):
         env["LOKY_MAX_MEMORY_LEAK_SIZE"] = _NO_LEAK_RESTART
         self.executor = loky.ProcessPoolExecutor(
             max_workers=1,
-            context=loky.backend.get_context(start_method),
+            context=_context(start_method),
             initializer=worker.initialize,
             initargs=(slot.index, tuple(slot.cpus), env, os.getpid()),
             env=env,
@@ -216,12 +241,7 @@ class WorkerPool:
     """
 
     def __init__(self, start_method: str | None = None, lock: threading.RLock | None = None):
-        self.start_method = start_method or "loky"
-        if self.start_method not in ("loky", "spawn", "loky_init_main"):
-            raise ValueError(
-                f"start_method must be 'loky' (default) or 'spawn', got {start_method!r}; "
-                "fork is unsafe with TensorFlow threads."
-            )
+        self.start_method = check_start_method(start_method)
         # Slot i at index i; None while its worker is being started by `fit`.
         self._slots: list[WorkerSlotProcess | None] = []
         self._lock = lock if lock is not None else threading.RLock()

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from mp_executors.workers.faults import maybe_inject_fault
+from mp_executors.workers.fork_server import tensorflow_is_pristine
 
 if TYPE_CHECKING:  # imports TensorFlow: only after pinning (see initialize)
     from mp_executors.executors.shard_requests import ShardRequest
@@ -41,18 +43,44 @@ _worker: Worker | None = None
 PARENT_POLL_SECONDS = 1.0
 
 
+def _running(pid: int) -> bool:
+    """`pid` exists and is not a zombie (a SIGKILLed parent may stay a zombie until reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):  # no procfs (macOS): existence is all we can see
+        return True
+
+
 def _exit_when_orphaned(parent_pid: int) -> None:
-    """Ends this worker soon after its parent dies, however the parent died.
+    """Ends this worker soon after the pool's owner dies, however it died.
 
     loky workers block on their call pipe with no time limit and do not
-    notice a SIGKILLed parent, so each worker watches for itself: when its
-    parent pid is gone (we have been re-parented), it exits at once.
+    notice a SIGKILLed parent, so each worker watches for itself: it exits
+    at once when the pool's owner (`parent_pid`) no longer runs. The owner is
+    this process's parent (loky's own start methods: then being re-parented
+    is the sign) or its grandparent (through `workers.fork_server`: if the
+    fork server alone dies, loky sees it as this worker's death and replaces
+    the worker).
     """
+    started_by_owner = os.getppid() == parent_pid
+
+    def orphaned() -> bool:
+        return (started_by_owner and os.getppid() != parent_pid) or not _running(parent_pid)
+
+    if orphaned():
+        os._exit(3)
 
     def watch():
         while True:
             time.sleep(PARENT_POLL_SECONDS)
-            if os.getppid() != parent_pid:
+            if orphaned():
                 os._exit(3)
 
     threading.Thread(target=watch, name="mp_executors-parent-watch", daemon=True).start()
@@ -68,6 +96,12 @@ def initialize(slot_index: int, cpus: tuple[int, ...], env: dict[str, str], pare
         _exit_when_orphaned(parent_pid)
     maybe_inject_fault("start", slot_index)
     os.environ.update(env)
+    global _started
+    _started = _start_state()
+    if "LOKY_MAX_MEMORY_LEAK_SIZE" in env and "loky.process_executor" in sys.modules:
+        # A forked worker has loky imported already (by the fork server), with the
+        # server's environment: its "memory leak" restart limit must be raised here.
+        sys.modules["loky.process_executor"]._MAX_MEMORY_LEAK_SIZE = int(float(env["LOKY_MAX_MEMORY_LEAK_SIZE"]))
     if cpus:
         try:
             import psutil  # noqa: PLC0415 - only a pinned worker needs it, before TensorFlow
@@ -93,6 +127,16 @@ def initialize(slot_index: int, cpus: tuple[int, ...], env: dict[str, str], pare
     _worker = Worker(slot_index)
 
 
+#: How this worker started (`report()["start"]`): set by `initialize` before it touches TensorFlow.
+_started: dict[str, Any] = {}
+
+
+def _start_state() -> dict[str, Any]:
+    """Whether TensorFlow was imported already (a forked worker) and, if so, still uninitialised."""
+    imported = "tensorflow" in sys.modules
+    return {"tensorflow_preimported": imported, "pristine": (not imported) or tensorflow_is_pristine()}
+
+
 def current() -> Worker:
     """This process's Worker (a RuntimeError in a process that is not a worker)."""
     if _worker is None:
@@ -115,4 +159,4 @@ def handle(shard_id: int, releases: tuple[int, ...], request: ShardRequest, new_
 
 def report() -> dict[str, Any]:
     """Where and how this worker runs, and what it holds (see `service.Worker.report`)."""
-    return current().report()
+    return {**current().report(), "start": dict(_started)}
