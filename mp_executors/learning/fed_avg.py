@@ -12,9 +12,9 @@ One round, as the federated computation `next_computation(element_type)` traces 
         with FedProx's mu/2 |w - w_server|² when mu > 0; minibatches are drawn from one
         permutation per pass, keyed by (round seed, client id); real rows first, padding last
         update g_i = w_server - w_i (the pseudo-gradient), clipped to the DP clip if any
-    mean:  g = federated_mean(g_i, weight = examples | 1)      ─┐  one intrinsic each,
-    DP:    g = (federated_sum(clipped g_i) + noise) / cohort   ─┤  one request per worker
-    stats = federated_sum(loss, examples seen, examples, 1)    ─┘
+    one federated_sum (one request per worker) of every client's
+        <w_i g_i, w_i, stats>  (w_i = examples | 1)              mean: g = Σ w_i g_i / Σ w_i
+        <clip(g_i), [|g_i| <= C], stats>                          DP:   g = (Σ clip(g_i) + noise) / cohort
     state@SERVER ◄── server optimizer step on g; round + 1; (DP) next clip
 
 `local_steps=K`: every client takes K steps (passes of ceil(n / batch_size) batches, reshuffled
@@ -354,14 +354,12 @@ def _build_next(process: FedAvgProcess, layout: layout_lib.Layout) -> mpx.Comput
         if agg is not None:
             update, unclipped = dp_lib.clip_update(update, server["clip"])
             return {"update": dict(zip(train, update)), "unclipped": unclipped, "stats": stats}
+        # The weighted mean is sum(w_i g_i) / sum(w_i), both sums in the ONE federated_sum below.
         weight = n if cfg.client_weighting == "num_examples" else tf.constant(1.0)
-        return {"update": dict(zip(train, update)), "weight": weight, "stats": stats}
+        return {"update": {name: weight * u for name, u in zip(train, update)}, "weight": weight, "stats": stats}
 
-    client_out_t = client_update.type_signature.result
-    update_t = client_out_t["update"]
-    stats_t = client_out_t["stats"]
-    agg_t = mpx.StructType([("update", update_t), ("stats", stats_t)]
-                           + ([("unclipped", mpx.TensorType(np.float32))] if agg is not None else []), dict)
+    # The server gets the clients' outputs summed: the same structure.
+    agg_t = client_update.type_signature.result
 
     @mpx.tf_computation(state_t, agg_t)
     @_no_autograph
@@ -373,7 +371,11 @@ def _build_next(process: FedAvgProcess, layout: layout_lib.Layout) -> mpx.Comput
         update = [aggregated["update"][n] for n in train]
         metrics: dict[str, Any] = {}
         new_state: dict[str, Any] = {}
-        if agg is not None:
+        if agg is None:
+            # All clients empty (total weight 0): no update rather than 0/0.
+            total_weight = tf.maximum(aggregated["weight"], 1e-30)
+            update = [u / total_weight for u in update]
+        else:
             clip = state["aggregator"]["clip"]
             update_key, clip_key = tf.unstack(tf.random.experimental.stateless_split(noise_key, 2))
             update = dp_lib.noised_mean(agg, update, clip, update_key)
@@ -408,15 +410,8 @@ def _build_next(process: FedAvgProcess, layout: layout_lib.Layout) -> mpx.Comput
     def next_round(state, clients):
         server = mpx.federated_broadcast(mpx.federated_map(prepare, state))
         out = mpx.federated_map(client_update, (server, clients))
-        if agg is not None:
-            # One intrinsic for everything the DP server needs: sums of clipped updates, of the
-            # unclipped flags and of the statistics.
-            summed = mpx.federated_sum(out)
-            aggregated = {"update": summed.update, "stats": summed.stats, "unclipped": summed.unclipped}
-        elif cfg.client_weighting == "num_examples":
-            aggregated = {"update": mpx.federated_mean(out.update, out.weight), "stats": mpx.federated_sum(out.stats)}
-        else:
-            aggregated = {"update": mpx.federated_mean(out.update), "stats": mpx.federated_sum(out.stats)}
-        return mpx.federated_map(server_update, (state, mpx.federated_zip(aggregated)))
+        # ONE reduction for everything the server needs (weighted or clipped updates, weights or
+        # unclipped flags, statistics): one request per worker, no selections of client values.
+        return mpx.federated_map(server_update, (state, mpx.federated_sum(out)))
 
     return next_round
