@@ -43,7 +43,7 @@ PerExample = Callable[[Any, Any], Any]
 no_autograph = tf.autograph.experimental.do_not_convert
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity semantics: its weights are arrays
 class Model:
     """A functional model (see the module docstring).
 

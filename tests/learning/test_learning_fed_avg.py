@@ -214,3 +214,18 @@ def test_results_are_bitwise_equal_on_local_and_mp2(local, mp2):
     # And they trained: the loss went down, DP adapted its clip.
     assert a[0][1][1]["loss"] < a[0][1][0]["loss"]
     assert a[2][0]["aggregator"]["clip"] != np.float32(0.1)
+
+
+def test_optimizers_by_name_and_their_checks():
+    get = learning.optimizers.get
+    assert get("sgd") == learning.SGD(1.0) and get("sgdm") == learning.SGD(1.0, momentum=0.9)
+    assert get("adam", 0.01) == learning.Adam(0.01, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    assert get("adagrad").beta_1 == 0.0 and get("yogi").initial_state([np.zeros(2)])["v"][0][0] == np.float32(1e-6)
+    with pytest.raises(ValueError, match="unknown optimizer 'rmsprop'"):
+        get("rmsprop")
+    with pytest.raises(ValueError, match="learning_rate=0"):
+        learning.Adam(0)
+    with pytest.raises(ValueError, match="beta_2=1.0"):
+        learning.Yogi(0.1, beta_2=1.0)
+    with pytest.raises(ValueError, match="momentum=-0.5"):
+        learning.SGD(0.1, momentum=-0.5)
