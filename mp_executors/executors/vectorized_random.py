@@ -28,6 +28,7 @@ TensorFlow does for the V1 stateless ops; a per-client output shape fails the co
 
 from __future__ import annotations
 
+import importlib
 import threading
 
 from mp_executors._tf import tf
@@ -118,7 +119,8 @@ def register() -> None:
             return
         _registered = True
         # TensorFlow's pfor internals: the converter registry, the per-op fallback, wrap().
-        from tensorflow.python.ops.parallel_for import pfor  # noqa: PLC0415
+        # By module name: in TF 2.14 (TFF's venv) `parallel_for.pfor` is the pfor *function*.
+        pfor = importlib.import_module("tensorflow.python.ops.parallel_for.pfor")
 
         registry = getattr(pfor, "_pfor_converter_registry", {})
 
