@@ -24,17 +24,27 @@ Workloads (`workloads.py`, FACTS.md "the peer"):
   `job.py` builds it: synthetic FedProx data, the default logreg model and training settings),
   client data resident (the dataset's ClientData), at 100 and 1,000 clients, on local, mp and
   ray (two smallest counts).
+- **small**: the main job's model and data shape (logreg 60->10, 200 examples per client,
+  10 SGD steps of minibatch 10 in a per-client random order), data resident, at 100 / 1,000 /
+  10,000 clients, on
+    floor        the same per-client math for ALL clients as ONE vectorized graph
+                 (`tf.vectorized_map` over every client), one process, all its threads
+    local        `local_executor_factory`, ClientData
+    mp           `mp_executor_factory` (auto-sized), ClientData
+  This is where the shards' vectorized maps matter (executors/vectorized_map.py): the
+  per-op cost, not FLOPs, is the wall. `ratios` reports local/floor and mp/floor.
 - **workers**: FedAvg at 1,000 resident clients on 1, 2, ... up to the usable CPUs workers
   (strong scaling), against the floor.
 
 Every number is the median of rounds 2..R of one configuration (round 1 is warm-up: pool
 start, graph import, tracing), with min, max and all samples. The 10,000-client points run
 fewer rounds (3) to keep the full suite within ~15 minutes on 2 cores. `--quick` is a tiny
-sweep (8 and 32 clients, 3 rounds, no peer; main at 8 and 32 clients) for tests and smoke checks.
+sweep (8 and 32 clients, 3 rounds, no peer; main and small at 8 and 32 clients) for tests and smoke checks.
 
 Outputs in DIR: bench.json (everything, plus the machine), bench.md (the tables that go into
 README's performance section: see benchmarks/update_readme.py), fedavg_scaling.png,
-overhead_scaling.png, main_scaling.png, workers_scaling.png (when matplotlib is installed).
+overhead_scaling.png, main_scaling.png, small_scaling.png, workers_scaling.png (when matplotlib
+is installed).
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ from mp_executors.simulation import datasets, job, models, program
 FEDAVG_RUNTIMES = ("floor", "local", "mp", "mp-resident", "ray", "tff")
 OVERHEAD_RUNTIMES = ("local", "mp", "ray", "tff")
 MAIN_RUNTIMES = ("local", "mp", "ray")
+SMALL_RUNTIMES = ("floor", "local", "mp")
 #: The Ray points: a 2-actor `mpx.ray_executor_factory`, at the smallest client counts only
 #: (its start-up is ~10-20 s; the sweep's time stays reasonable).
 RAY_WORKERS, RAY_POINTS = 2, 2
@@ -88,6 +99,7 @@ class SuiteConfig:
     local_fedavg_max: int = 1000
     passed_fedavg_max: int = 1000
     main_clients: list[int] = field(default_factory=lambda: [100, 1000])  # the main job's round
+    small_clients: list[int] = field(default_factory=lambda: [100, 1000, 10_000])  # its shape, vs its floor
     name: str = "full"
     notes: list[str] = field(default_factory=list)
 
@@ -100,7 +112,7 @@ def suite_config(quick: bool, rounds: int | None = None) -> SuiteConfig:
                else psutil.cpu_count() or 1)
     if quick:
         return SuiteConfig([8, 32], [8, 32], sorted({1, min(2, cpus)}), 32, rounds or 3, main_clients=[8, 32],
-                           name="quick")
+                           small_clients=[8, 32], name="quick")
     workers = sorted({1, *[w for w in (2, 4, 8, 16, 32, 64) if w <= cpus], cpus})
     return SuiteConfig([10, 100, 1000, 10_000], [10, 100, 1000, 10_000], workers, 1000, rounds or 6)
 
@@ -276,6 +288,22 @@ class Suite:
             self.add("main", "mp", n, _main_rounds(mp, n, rounds), workers=mp.plan(n).num_workers)
             mp.clean_up_executor({mpx.CLIENTS: n})
 
+    def small(self) -> None:
+        """The main job's shape (W "small"), data resident, against its one-graph vectorized floor."""
+        for n in self.cfg.small_clients:
+            rounds = self.cfg.rounds_for(n)
+            self.log(f"small model (logreg 60->10, 10 steps of batch 10), {n} clients, {rounds} rounds")
+            self.add("small", "floor", n, _small_floor(n, rounds))
+            _release_memory()
+            resident = mpx.ClientData(W.make_small_client, list(range(n)), W.SMALL_DATA_TYPE)
+            with mpx.local_executor_factory() as local:
+                self.add("small", "local", n, _small_rounds(local, resident, rounds), workers=0)
+            mp = self.mp_factory()
+            self.add("small", "mp", n, _small_rounds(mp, resident, rounds), workers=mp.plan(n).num_workers)
+            mp.clean_up_executor({mpx.CLIENTS: n})
+            del resident
+            _release_memory()
+
     def workers(self) -> None:
         n, rounds = self.cfg.workers_clients, self.cfg.rounds
         for w in self.cfg.workers:
@@ -339,6 +367,36 @@ def _main_rounds(factory: Any, clients: int, rounds: int) -> dict:
         return measure(one_round, rounds, factory)
 
 
+def _small_rounds(factory: Any, data: Any, rounds: int) -> dict:
+    """`rounds` rounds of W.small_round on `factory` (a new round seed each round)."""
+    state = {"model": W.small_initial_model(), "round": 0}
+
+    def one_round():
+        state["round"] += 1
+        state["model"] = W.small_round(state["model"], np.int32(state["round"]), data)
+
+    with mpx.execution_context(factory):
+        return measure(one_round, rounds, factory)
+
+
+def _small_floor(n: int, rounds: int) -> dict:
+    """The small workload's floor: W.small_floor_round_fn over all n clients, data already tensors."""
+    clients = [W.make_small_client(i) for i in range(n)]
+    ids = tf.constant(np.arange(n, dtype=np.int32))
+    xs = tf.constant(np.stack([c["x"] for c in clients]))
+    ys = tf.constant(np.stack([c["y"] for c in clients]))
+    del clients
+    run = W.small_floor_round_fn()
+    state = {"model": W.small_initial_model(), "round": 0}
+
+    def one_round():
+        state["round"] += 1
+        w, b = run(state["model"]["w"], state["model"]["b"], tf.constant(state["round"], tf.int32), ids, xs, ys)
+        state["model"] = {"w": w.numpy(), "b": b.numpy()}
+
+    return measure(one_round, rounds)
+
+
 def _ray_factory() -> Any:
     """A 2-actor `mpx.ray_executor_factory`, or None when Ray is not installed."""
     if importlib.util.find_spec("ray") is None:
@@ -389,7 +447,7 @@ def ratios(rows: list[dict]) -> list[dict]:
     """ours / peer and mp / floor at every client count where both exist."""
     out = []
     for workload, ours_list in (("fedavg", ("mp", "mp-resident", "local", "ray")), ("overhead", ("mp", "local", "ray")),
-                                ("tff_learning", ("mp",))):
+                                ("tff_learning", ("mp",)), ("small", ("mp", "local"))):
         ns = sorted({r["clients"] for r in rows if r["workload"] == workload})
         for n in ns:
             peer = _median(rows, workload, "tff", n)
@@ -477,6 +535,24 @@ def markdown(doc: dict) -> str:
             if any(r["workload"] == "main" and r["runtime"] == rt for r in rows):
                 lines.append(f"| {rt} | " + " | ".join(_fmt_s(_median(rows, "main", rt, n)) for n in main_n) + " |")
         lines.append("")
+    small_n = sorted({r["clients"] for r in rows if r["workload"] == "small"})
+    if small_n:
+        lines += ["**Small-model round** (the main job's shape: logreg 60→10, 200 examples per client, 10 SGD "
+                  "steps of batch 10 in a per-client random order), data resident; the floor is the same "
+                  "per-client math for all clients as ONE vectorized graph in one process:", "",
+                  *_table_head("runtime", small_n)]
+        labels = {"floor": "plain TF, one vectorized graph, 1 process (floor)", "local": "mp_executors local",
+                  "mp": "mp_executors mp"}
+        for rt in SMALL_RUNTIMES:
+            if any(r["workload"] == "small" and r["runtime"] == rt for r in rows):
+                lines.append(f"| {labels[rt]} | " + " | ".join(_fmt_s(_median(rows, "small", rt, n)) for n in small_n) + " |")
+        for rt in ("local", "mp"):
+            cells = {r["clients"]: r["ratio"] for r in doc["ratios"]
+                     if r["workload"] == "small" and r["ours"] == rt and r["vs"] == "floor"}
+            if cells:
+                lines.append(f"| {rt} / floor | " + " | ".join(
+                    f"{cells[n]:.2f}×" if n in cells else "–" for n in small_n) + " |")
+        lines.append("")
     wk = [r for r in rows if r["workload"] == "workers"]
     if wk:
         n = wk[0]["clients"]
@@ -518,6 +594,7 @@ def plots(doc: dict, out_dir: Path) -> list[str]:
         ("fedavg", FEDAVG_RUNTIMES, "seconds per round", False),
         ("overhead", OVERHEAD_RUNTIMES, "µs per client", True),
         ("main", MAIN_RUNTIMES, "seconds per round", False),
+        ("small", SMALL_RUNTIMES, "seconds per round", False),
     ):
         if not any(r["workload"] == workload for r in rows):
             continue
@@ -530,7 +607,8 @@ def plots(doc: dict, out_dir: Path) -> list[str]:
         ax.set_yscale("log")
         ax.set(xlabel="clients", ylabel=ylabel,
                title={"fedavg": "FedAvg round time", "overhead": "federated_sum overhead per client",
-                      "main": "Main job round (synthetic, logreg)"}[workload])
+                      "main": "Main job round (synthetic, logreg)",
+                      "small": "Small model (main job's shape) vs its vectorized floor"}[workload])
         ax.grid(alpha=0.3, which="both")
         ax.legend()
         fig.tight_layout()
@@ -576,6 +654,7 @@ def run_suite(out_dir: Path, quick: bool = False, rounds: int | None = None, pee
         suite.fedavg()
         suite.overhead()
         suite.main()
+        suite.small()
         suite.workers()
         if ray != "off":
             suite.ray()
@@ -598,7 +677,7 @@ def run_suite(out_dir: Path, quick: bool = False, rounds: int | None = None, pee
         "machine": machine(),
         "config": {"rounds": cfg.rounds, "big_rounds": cfg.big_rounds, "big_threshold": cfg.big_threshold,
                    "fedavg_clients": cfg.fedavg_clients, "overhead_clients": cfg.overhead_clients,
-                   "main_clients": cfg.main_clients,
+                   "main_clients": cfg.main_clients, "small_clients": cfg.small_clients,
                    "workers": cfg.workers, "workers_clients": cfg.workers_clients},
         "rows": suite.rows, "ratios": ratios(suite.rows), "notes": cfg.notes,
         "peer_versions": getattr(suite, "peer_versions", None),
