@@ -37,8 +37,11 @@ from mp_executors.core.types import (
     TensorType,
     Type,
 )
+from mp_executors.workers import fork_server as _fork_server
 
 _quiet_tf.install_import_hook()
+# The worker pool's fork server is forked from this process right after its TensorFlow import.
+_fork_server.fork_at_tensorflow_import()
 
 
 def _create_default_context():

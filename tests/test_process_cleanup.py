@@ -36,14 +36,15 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import psutil
 
+    if sys.argv[2] == "spawned":
+        # TensorFlow imported (before mp_executors) and initialised here: the fork
+        # server cannot be forked from this process, it is spawned and imports
+        # TensorFlow itself.
+        import tensorflow as tf
+        assert float(tf.constant(1.0) + 1.0) == 2.0
     import mp_executors as mpx
     from mp_executors.workers import fork_server
 
-    if sys.argv[2] == "spawned":
-        # TensorFlow initialised here before the factory: the fork server cannot be
-        # forked from this process, it is spawned and imports TensorFlow itself.
-        import tensorflow as tf
-        assert float(tf.constant(1.0) + 1.0) == 2.0
     factory = mpx.mp_executor_factory(num_workers=2)
 
     @mpx.federated_computation(mpx.FederatedType(mpx.TensorType(np.float32), mpx.CLIENTS))

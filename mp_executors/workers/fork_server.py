@@ -108,6 +108,20 @@ def _preload() -> None:
         __import__(name)
 
 
+def _forget_partial_modules() -> None:
+    """Drops from `sys.modules` the modules whose import was in progress when this process forked.
+
+    The fork happens in the middle of the parent's imports (TensorFlow's
+    import is usually triggered by a module's top-level code): such a module
+    is frozen half-executed here, and a worker unpickling a function defined
+    further down in it (a `ClientData` builder, say) would not find it. Once
+    forgotten, a worker imports the module afresh when it needs it.
+    """
+    for name, module in list(sys.modules.items()):
+        if getattr(getattr(module, "__spec__", None), "_initializing", False):
+            del sys.modules[name]
+
+
 class ForkServer(forkserver.ForkServer):
     """A fork server of our own (not multiprocessing's process-wide one): see the module docstring.
 
@@ -155,14 +169,18 @@ class ForkServer(forkserver.ForkServer):
             resource_tracker.ensure_running()  # its fd goes to every worker (shared-memory segments)
             if self._alive_unlocked():
                 return
-            if import_tensorflow and "tensorflow" not in sys.modules and _single_threaded():
+            forking = _fork_allowed()
+            if forking and import_tensorflow and "tensorflow" not in sys.modules and _single_threaded():
                 _tf.import_tensorflow()  # calls back `_after_tensorflow_import`, which takes this lock: see there
             if self._alive_unlocked():
                 return
-            if tensorflow_is_pristine() and _single_threaded():
-                self._start_unlocked(fork=True)
-            else:
-                self._start_unlocked(fork=False)
+            if forking and tensorflow_is_pristine() and _single_threaded():
+                try:
+                    self._start_unlocked(fork=True)
+                    return
+                except OSError as e:  # e.g. no memory for the page tables: a fresh interpreter then
+                    logger.warning("mp_executors: could not fork the fork server (%s); spawning one", e)
+            self._start_unlocked(fork=False)
 
     def _start_unlocked(self, fork: bool) -> None:
         started = time.perf_counter()
@@ -210,6 +228,7 @@ class ForkServer(forkserver.ForkServer):
             # The parent's objects are never collected here or in the workers:
             # collecting would write to their pages and unshare them.
             gc.freeze()
+            _forget_partial_modules()
             for name in _WORKER_MODULES:
                 __import__(name)
             forkserver.main(listener_fd, alive_r, [])
@@ -241,6 +260,34 @@ def server() -> ForkServer:
     return _server
 
 
+#: Set to 0 / off to never fork this process (a server is then spawned when a pool starts).
+ENV_VAR = "MP_EXECUTORS_FORK_SERVER"
+
+
+def _fork_allowed() -> bool:
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "off", "no", "false")
+
+
+def fork_at_tensorflow_import() -> None:
+    """Forks the server right after this process imports TensorFlow (`import mp_executors` calls this).
+
+    The worker pool is the default runtime, and this is the one moment when
+    TensorFlow is surely imported and not initialised: a program that traces
+    its computations first and creates (or implicitly uses) the pool later
+    would otherwise wait for a spawned server's import. Costs one fork (tens
+    of ms) and an idle process that ends with this one; MP_EXECUTORS_FORK_SERVER=0
+    turns it off. Nothing happens if TensorFlow is imported already.
+    """
+    if _fork_allowed() and "tensorflow" not in sys.modules:
+        _server.wanted = True
+        _tf.after_import(_after_tensorflow_import)
+
+
+def disable() -> None:
+    """This process never forks a server at its TensorFlow import (workers, the spawned server)."""
+    _server.wanted = False
+
+
 def prestart() -> None:
     """Starts the fork server as early as it is cheap; called when an mp factory is created.
 
@@ -255,8 +302,9 @@ def prestart() -> None:
     if _server.running():
         return
     if "tensorflow" not in sys.modules:
-        _server.wanted = True
-        _tf.after_import(_after_tensorflow_import)
+        if _fork_allowed():
+            _server.wanted = True
+            _tf.after_import(_after_tensorflow_import)
         return
     _server.ensure_running(import_tensorflow=False)
 
@@ -275,6 +323,8 @@ def _after_tensorflow_import() -> None:
             if not _server._alive_unlocked():
                 resource_tracker.ensure_running()
                 _server._start_unlocked(fork=True)
+        except OSError as e:  # the first pool start spawns one instead
+            logger.warning("mp_executors: could not fork the fork server (%s)", e)
         finally:
             _server._lock.release()
 
@@ -282,6 +332,7 @@ def _after_tensorflow_import() -> None:
 def serve(listener_fd: int, alive_r: int) -> NoReturn:
     """The spawned server's main: imports TensorFlow and the worker modules, then forks on request."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    disable()
     _preload()
     gc.freeze()
     try:
@@ -354,5 +405,5 @@ def get_context() -> ForkServerContext:
     return _context
 
 
-__all__ = ["ForkServer", "ForkServerContext", "ForkServerProcess", "get_context", "prestart", "server",
-           "serve", "tensorflow_is_pristine"]
+__all__ = ["ENV_VAR", "ForkServer", "ForkServerContext", "ForkServerProcess", "disable", "fork_at_tensorflow_import",
+           "get_context", "prestart", "serve", "server", "tensorflow_is_pristine"]

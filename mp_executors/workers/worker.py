@@ -28,8 +28,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from mp_executors.workers import fork_server
 from mp_executors.workers.faults import maybe_inject_fault
-from mp_executors.workers.fork_server import tensorflow_is_pristine
 
 if TYPE_CHECKING:  # imports TensorFlow: only after pinning (see initialize)
     from mp_executors.executors.shard_requests import ShardRequest
@@ -94,6 +94,7 @@ def initialize(slot_index: int, cpus: tuple[int, ...], env: dict[str, str], pare
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if parent_pid is not None:
         _exit_when_orphaned(parent_pid)
+    fork_server.disable()  # a worker that imports TensorFlow below is no fork server's source
     maybe_inject_fault("start", slot_index)
     os.environ.update(env)
     global _started
@@ -134,7 +135,7 @@ _started: dict[str, Any] = {}
 def _start_state() -> dict[str, Any]:
     """Whether TensorFlow was imported already (a forked worker) and, if so, still uninitialised."""
     imported = "tensorflow" in sys.modules
-    return {"tensorflow_preimported": imported, "pristine": (not imported) or tensorflow_is_pristine()}
+    return {"tensorflow_preimported": imported, "pristine": (not imported) or fork_server.tensorflow_is_pristine()}
 
 
 def current() -> Worker:
