@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import numbers
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -121,6 +122,9 @@ class WorkerSlot:
             "TF_CPP_MIN_LOG_LEVEL": "3",
             # Several workers may share one GPU: without growth, the first takes it all.
             "TF_FORCE_GPU_ALLOW_GROWTH": "true",
+            # The parent's vectorized-map mode (executors/vectorized_map.py) when the pool
+            # starts, so every worker decides as the parent's in-process shards would.
+            "MP_EXECUTORS_VECTORIZE": os.environ.get("MP_EXECUTORS_VECTORIZE", "auto"),
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -337,6 +337,7 @@ def test_slot_env():
         "OMP_NUM_THREADS": "2",
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "TF_FORCE_GPU_ALLOW_GROWTH": "true",
+        "MP_EXECUTORS_VECTORIZE": os.environ.get("MP_EXECUTORS_VECTORIZE", "auto"),
     }
     g = WorkerSlot(index=0, cpus=(0,), intra_op_threads=1, inter_op_threads=1, gpu="1")
     assert g.env()["CUDA_VISIBLE_DEVICES"] == "1"

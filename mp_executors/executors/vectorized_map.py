@@ -195,7 +195,6 @@ def make_plan(function: tfc.TensorFlowFunction, mask: tuple[bool, ...], mode: st
     """Decides (and builds) how to run `function` over stacked columns; see the module docstring."""
     if mode == "off":
         return _loop_plan(function, mask, f"{ENV_VAR}=off")
-    vectorized_random.register()
     group, per_client = GROUP_SIZE, 0
     graph_def = tf.compat.v1.GraphDef.FromString(function.graph_def)
     if mode == "auto":
@@ -203,6 +202,7 @@ def make_plan(function: tfc.TensorFlowFunction, mask: tuple[bool, ...], mode: st
         if reason:
             return _loop_plan(function, mask, reason)
     try:
+        vectorized_random.register()
         library = _rebuild_library(graph_def)
         if mode == "auto":
             per_client = _working_set_bytes(function, library)

@@ -117,7 +117,6 @@ def register() -> None:
     with _lock:
         if _registered:
             return
-        _registered = True
         # TensorFlow's pfor internals: the converter registry, the per-op fallback, wrap().
         # By module name: in TF 2.14 (TFF's venv) `parallel_for.pfor` is the pfor *function*.
         pfor = importlib.import_module("tensorflow.python.ops.parallel_for.pfor")
@@ -150,6 +149,7 @@ def register() -> None:
         for op in _V2_OPS:
             if op not in registry:
                 pfor.RegisterPFor(op)(convert_v2)
+        _registered = True
 
 
 __all__ = ["key_counter", "philox", "register", "uniform_float32"]
