@@ -35,6 +35,11 @@ Workloads (`workloads.py`, FACTS.md "the peer"):
   per-op cost, not FLOPs, is the wall. `ratios` reports local/floor and mp/floor.
 - **workers**: FedAvg at 1,000 resident clients on 1, 2, ... up to the usable CPUs workers
   (strong scaling), against the floor.
+- **coldstart** (full suite only): a fresh process (`coldstart.py`) imports TensorFlow, traces a
+  map + sum, creates the factory and calls it on 100 clients; the row is the time from the
+  factory's creation to the first result (median of 3 processes), on local, mp (workers forked
+  from the fork server, the default) and mp with start_method='loky' (each worker imports
+  TensorFlow itself: the former default).
 
 Every number is the median of rounds 2..R of one configuration (round 1 is warm-up: pool
 start, graph import, tracing), with min, max and all samples. The 10,000-client points run
@@ -69,6 +74,7 @@ import psutil
 
 import mp_executors as mpx
 from mp_executors._tf import tf  # the quiet import (TensorFlow's start-up lines silenced)
+from mp_executors.benchmarking import coldstart
 from mp_executors.benchmarking import workloads as W
 from mp_executors.simulation import datasets, job, models, program
 
@@ -76,6 +82,8 @@ FEDAVG_RUNTIMES = ("floor", "local", "mp", "mp-resident", "ray", "tff")
 OVERHEAD_RUNTIMES = ("local", "mp", "ray", "tff")
 MAIN_RUNTIMES = ("local", "mp", "ray")
 SMALL_RUNTIMES = ("floor", "local", "mp")
+#: (row name, executor, start_method) of the cold-start rows.
+COLDSTART_RUNTIMES = (("local", "local", None), ("mp", "mp", None), ("mp-loky", "mp", "loky"))
 #: The Ray points: a 2-actor `mpx.ray_executor_factory`, at the smallest client counts only
 #: (its start-up is ~10-20 s; the sweep's time stays reasonable).
 RAY_WORKERS, RAY_POINTS = 2, 2
@@ -100,6 +108,8 @@ class SuiteConfig:
     passed_fedavg_max: int = 1000
     main_clients: list[int] = field(default_factory=lambda: [100, 1000])  # the main job's round
     small_clients: list[int] = field(default_factory=lambda: [100, 1000, 10_000])  # its shape, vs its floor
+    coldstart_runs: int = 3  # fresh processes per cold-start row (0: no cold-start rows)
+    coldstart_clients: int = 100
     name: str = "full"
     notes: list[str] = field(default_factory=list)
 
@@ -112,7 +122,7 @@ def suite_config(quick: bool, rounds: int | None = None) -> SuiteConfig:
                else psutil.cpu_count() or 1)
     if quick:
         return SuiteConfig([8, 32], [8, 32], sorted({1, min(2, cpus)}), 32, rounds or 3, main_clients=[8, 32],
-                           small_clients=[8, 32], name="quick")
+                           small_clients=[8, 32], name="quick", coldstart_runs=0)
     workers = sorted({1, *[w for w in (2, 4, 8, 16, 32, 64) if w <= cpus], cpus})
     return SuiteConfig([10, 100, 1000, 10_000], [10, 100, 1000, 10_000], workers, 1000, rounds or 6)
 
@@ -316,6 +326,17 @@ class Suite:
                 continue
             with mpx.mp_executor_factory(num_workers=w) as factory:
                 self.add("workers", "mp-resident", n, self._fedavg_rounds(factory, resident, rounds), workers=w)
+
+    def coldstart(self) -> None:
+        """Factory creation -> first result, each sample a fresh process (`coldstart.py`)."""
+        n, runs = self.cfg.coldstart_clients, self.cfg.coldstart_runs
+        if not runs:
+            return
+        for runtime, executor, start_method in COLDSTART_RUNTIMES:
+            self.log(f"cold start ({runtime}), {n} clients, {runs} fresh processes")
+            result = coldstart.measure(executor, start_method, clients=n, runs=runs)
+            workers = result["runs"][-1].get("workers", 0)
+            self.add("coldstart", runtime, n, result, workers=workers)
 
     def peer(self, venv: Path, script: Path, out_dir: Path) -> None:
         python = venv / "bin" / "python"
@@ -564,6 +585,18 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {r['workers']} | {_fmt_s(r['median'])} | {base / r['median']:.2f}× | "
                          + (f"{r['median'] / floor:.2f}× floor" if floor else "–") + " |")
         lines.append("")
+    cold = [r for r in rows if r["workload"] == "coldstart"]
+    if cold:
+        labels = {"local": "mp_executors local", "mp": "mp_executors mp (workers forked from the fork server)",
+                  "mp-loky": "mp_executors mp, start_method='loky' (each worker imports TensorFlow)"}
+        lines += [f"**Cold start** (a fresh process: import, trace a map + sum, create the factory, call it on "
+                  f"{cold[0]['clients']:,} clients; median of {cold[0]['rounds']} processes):", "",
+                  "| runtime | factory → first result | TensorFlow import → first result | "
+                  "process start → first result |", "|---|---|---|---|"]
+        for r in cold:
+            lines.append(f"| {labels.get(r['runtime'], r['runtime'])} | {_fmt_s(r['median'])} | "
+                         f"{_fmt_s(r['after_tf_import_median'])} | {_fmt_s(r['process_to_first_result_median'])} |")
+        lines.append("")
     rat = [r for r in doc["ratios"] if r["vs"] == "tff"]
     if rat:
         ns = sorted({r["clients"] for r in rat})
@@ -656,6 +689,7 @@ def run_suite(out_dir: Path, quick: bool = False, rounds: int | None = None, pee
         suite.main()
         suite.small()
         suite.workers()
+        suite.coldstart()
         if ray != "off":
             suite.ray()
     finally:
@@ -678,7 +712,8 @@ def run_suite(out_dir: Path, quick: bool = False, rounds: int | None = None, pee
         "config": {"rounds": cfg.rounds, "big_rounds": cfg.big_rounds, "big_threshold": cfg.big_threshold,
                    "fedavg_clients": cfg.fedavg_clients, "overhead_clients": cfg.overhead_clients,
                    "main_clients": cfg.main_clients, "small_clients": cfg.small_clients,
-                   "workers": cfg.workers, "workers_clients": cfg.workers_clients},
+                   "workers": cfg.workers, "workers_clients": cfg.workers_clients,
+                   "coldstart_runs": cfg.coldstart_runs, "coldstart_clients": cfg.coldstart_clients},
         "rows": suite.rows, "ratios": ratios(suite.rows), "notes": cfg.notes,
         "peer_versions": getattr(suite, "peer_versions", None),
         "duration_s": time.perf_counter() - started,
