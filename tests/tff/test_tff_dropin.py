@@ -557,7 +557,9 @@ def test_importing_mp_executors_does_not_import_tff():
 def test_worker_killed_during_a_learning_round_is_retried(native, tmp_path):
     fault = str(tmp_path / "fault")
     os.environ[FAULT_FILE_VARIABLE] = fault
-    factory = mpx.mp_executor_factory(num_workers=2, max_retries=1)
+    # Spawned workers: they read the fault file's variable from this process's environment
+    # (a fork server started by an earlier test would not have it).
+    factory = mpx.mp_executor_factory(num_workers=2, max_retries=1, start_method="spawn")
     try:
         context = mtff.create_sync_execution_context(factory)
         proc = process("weighted_sgdm")
