@@ -1,6 +1,13 @@
 """Measures the worker pool against its targets, in one run (one machine state).
 
     python benchmarks/pool_targets.py [--rounds 6] [--out benchmarks/results/pool_targets.json]
+    python benchmarks/pool_targets.py --cold-only      # only the cold-start targets (~3 min)
+
+Cold start (each sample a fresh process, `mp_executors.benchmarking.coldstart`): a
+2-worker pool ready after the parent's TensorFlow import (fork server vs
+start_method='loky'), and the default `mp-executors run` wall time, process start
+to exit, on mp and on local (runs interleaved, `--run-repeats` each; the load
+average is recorded with them: the machine may be shared).
 
 Workloads are those of FACTS.md (`mp_executors.benchmarking.workloads`), measured
 with the helpers `mp-executors bench` uses (`mp_executors.benchmarking.suite`). Every number
@@ -15,7 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,12 +95,61 @@ def warm_call_check(factory, data) -> dict:
         }
 
 
+def pool_ready(runs: int) -> dict:
+    """End of the parent's TensorFlow import -> 2 workers ready, fork server vs loky, `runs` processes each."""
+    out = {}
+    for method in ("forkserver", "loky"):
+        samples = []
+        for _ in range(runs):
+            proc = subprocess.run([sys.executable, "-m", "mp_executors.benchmarking.coldstart", "--pool-ready",
+                                   "--workers", "2", "--start-method", method],
+                                  capture_output=True, text=True, timeout=600, check=True)
+            samples.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        ready = [r["pool_ready_after_tf_import_s"] for r in samples]
+        out[method] = {"median": statistics.median(ready), "min": min(ready), "max": max(ready), "runs": samples}
+    return out
+
+
+def default_run_wall(repeats: int) -> dict:
+    """`mp-executors run` with its defaults, process start -> exit, mp and local interleaved."""
+    exe = shutil.which("mp-executors")
+    base = [exe] if exe else [sys.executable, "-m", "mp_executors.cli"]
+    walls: dict[str, list[float]] = {"mp": [], "local": []}
+    loads = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeats):
+            for executor in ("local", "mp"):
+                loads.append(os.getloadavg()[0])
+                start = time.perf_counter()
+                subprocess.run([*base, "run", "--executor", executor, "--out", f"{tmp}/{executor}{i}", "-q"],
+                               capture_output=True, text=True, timeout=900, check=True)
+                walls[executor].append(time.perf_counter() - start)
+    out = {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "samples": v} for k, v in walls.items()}
+    out["load_average_1min"] = loads
+    return out
+
+
+def cold_rows(results: dict) -> list[tuple]:
+    pr, run = results["pool_ready"], results["default_run"]
+    return [
+        ("2-worker pool ready after the parent's TF import, fork server (s)", pr["forkserver"]["median"], "<= 2"),
+        ("2-worker pool ready after the parent's TF import, start_method='loky' (s)", pr["loky"]["median"],
+         "(the former default)"),
+        ("default `mp-executors run` wall, mp (s)", run["mp"]["median"], ""),
+        ("default `mp-executors run` wall, local (s)", run["local"]["median"], ""),
+        ("default `mp-executors run` wall, mp / local", run["mp"]["median"] / run["local"]["median"], "<= 1.0"),
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--overhead-clients", type=int, default=10_000)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "pool_targets.json"))
+    parser.add_argument("--cold-runs", type=int, default=3, help="fresh processes per pool-ready sample")
+    parser.add_argument("--run-repeats", type=int, default=3, help="default `mp-executors run`s per executor")
+    parser.add_argument("--cold-only", action="store_true", help="measure only the cold-start targets")
     args = parser.parse_args(argv)
     n, rounds = args.clients, args.rounds
     results: dict = {
@@ -97,6 +157,12 @@ def main(argv=None) -> int:
         "machine": machine(),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+    print("cold start: 2-worker pool ready after the parent's TensorFlow import ...", flush=True)
+    results["pool_ready"] = pool_ready(args.cold_runs)
+    print("cold start: the default `mp-executors run`, mp and local interleaved ...", flush=True)
+    results["default_run"] = default_run_wall(args.run_repeats)
+    if args.cold_only:
+        return _report(results, cold_rows(results), args.out, [])
     print(f"building {n} clients of FedAvg data ...", flush=True)
     clients = W.make_clients(n)
 
@@ -143,6 +209,12 @@ def main(argv=None) -> int:
          f"{results['warm_call']['same_worker_pids']}, {results['warm_call']['new_processes']}, "
          f"{results['warm_call']['new_modules']}", "True, 0, 0"),
     ]
+    rows += cold_rows(results)
+    keys = ("floor_1000", "mp2_resident_1000", "mp2_passed_1000", "mp2_passed_100", "local_passed_100", "mp_auto_sum")
+    return _report(results, rows, args.out, keys)
+
+
+def _report(results: dict, rows: list[tuple], out: str, keys) -> int:
     results["table"] = [{"metric": a, "value": b, "target": c} for a, b, c in rows]
     print()
     print("| metric | measured | target |")
@@ -151,13 +223,16 @@ def main(argv=None) -> int:
         shown = f"{value:.3g}" if isinstance(value, float) else value
         print(f"| {name} | {shown} | {target} |")
     print()
-    for key in ("floor_1000", "mp2_resident_1000", "mp2_passed_1000", "mp2_passed_100", "local_passed_100", "mp_auto_sum"):
+    for key in keys:
         r = results[key]
         print(f"{key:22s} median {r['median']:.4f} s  (min {r['min']:.4f}, max {r['max']:.4f})")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    loads = results["default_run"]["load_average_1min"]
+    print(f"1-minute load average during the default runs: {min(loads):.1f} .. {max(loads):.1f} "
+          f"on {results['machine']['cpus']} CPUs")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(results, f, indent=2, default=float)
-    print(f"\nwrote {args.out}")
+    print(f"\nwrote {out}")
     return 0
 
 

@@ -212,8 +212,11 @@ def worker_environment() -> dict[str, str]:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="thread names are read from procfs")
-def test_forked_workers_apply_their_own_slot_settings():
+def test_forked_workers_apply_their_own_slot_settings(monkeypatch):
     """Thread counts, CPUs and CUDA_VISIBLE_DEVICES reach each forked worker, not the server's.
+
+    So does this process's environment as it is when the worker starts (the
+    fork server's is older), as with a spawned worker.
 
     Slots made so that TensorFlow's defaults would differ from the settings:
     inter-op threads 2 on one CPU (the default follows the CPU count), and
@@ -226,6 +229,8 @@ def test_forked_workers_apply_their_own_slot_settings():
         WorkerSlot(0, (cpu,), intra_op_threads=1, inter_op_threads=2),
         WorkerSlot(1, (other,), intra_op_threads=1, inter_op_threads=1, gpu="3"),
     )
+    fork_server.prestart()
+    monkeypatch.setenv("MP_EXECUTORS_TEST_LATE_VARIABLE", "set after the fork server started")
     pool = WorkerPool()
     assert pool.start_method == "forkserver"
     try:
@@ -242,6 +247,7 @@ def test_forked_workers_apply_their_own_slot_settings():
         assert threads.count("tf_Compute") == slot.inter_op_threads, threads
         assert env["TF_NUM_INTEROP_THREADS"] == str(slot.inter_op_threads)
         assert env["TF_NUM_INTRAOP_THREADS"] == "1"
+        assert env["MP_EXECUTORS_TEST_LATE_VARIABLE"] == "set after the fork server started"
     assert [r["cuda_visible_devices"] for r in reports] == ["", "3"]
 
 

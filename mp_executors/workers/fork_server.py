@@ -374,19 +374,26 @@ class _Popen(popen_forkserver.Popen):
 
 
 class ForkServerProcess(process.BaseProcess):
-    """A process forked by our fork server; `env` is applied in the child before its target runs."""
+    """A process forked by our fork server, with the environment a spawned one would have.
+
+    The server's environment is this process's as it was when the server
+    started; a worker gets this process's environment as it is when the
+    worker is created, plus `env` (as loky's `env=`), applied in the child
+    before its target runs.
+    """
 
     _start_method = "forkserver"
 
     def __init__(self, *args: Any, env: dict[str, str] | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.env = dict(env or {})
+        self.env = {**os.environ, **(env or {})}
 
     @staticmethod
     def _Popen(process_obj: Any) -> _Popen:
         return _Popen(process_obj)
 
     def run(self) -> None:
+        os.environ.clear()
         os.environ.update(self.env)
         super().run()
 
