@@ -38,17 +38,23 @@ the last bits (other kernels), so what decides must not depend on how clients ar
 Stateless random ops with per-client seeds (a client's own minibatch order) have no pfor
 converter in TensorFlow; `vectorized_random` adds them (bitwise the per-client numbers).
 
+A vectorized call that fails at run time although every client, run alone, succeeds (not
+seen so far: the plan-time checks are meant to exclude it) is looped from then on in that
+process, with a WARNING that results may then differ in the last bits between stacks.
+
 Memory (and cache): a vectorized group materializes every intermediate tensor for G
-clients at once. G is lowered (in multiples of BLOCK_SIZE) so that G x the per-client
+clients at once. G is lowered (to BLOCK_SIZE x a power of two) so that G x the per-client
 working set (the static sizes of every tensor in the traced per-client graph, loop bodies
 counted once) stays under `GROUP_BUDGET`; a computation whose working set exceeds it even
 for BLOCK_SIZE clients is looped. At most two groups are alive at a time, so a shard of
 10,000 FedAvg clients costs its outputs plus two groups, not 10,000 clients' intermediates.
 
 `MP_EXECUTORS_VECTORIZE` (read when a plan is made, in the process that runs the shard;
-set it before the pool starts): `auto` (default) as above; `off` always loops; `on`
-vectorizes every stacked map, skipping the safety checks (stateful ops, data-dependent
-control flow, memory), and fails with pfor's error when it cannot convert the function.
+worker processes get the parent's value when the pool starts, `planning.WorkerSlot.env`):
+`auto` (default) as above; `off` always loops; `on` vectorizes every stacked map, skipping
+the safety checks (stateful ops, data-dependent control flow, working set), and fails with
+pfor's error when it cannot convert the function. On a TensorFlow whose pfor lacks what
+this needs (TF 2.14 has no TopKV2 converter, for one), maps simply loop.
 """
 
 from __future__ import annotations
