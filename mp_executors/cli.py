@@ -156,6 +156,9 @@ def _run(args: argparse.Namespace) -> int:
         return job.run(args)
     except job.JobError as e:
         raise UsageError(f"{PROG} run: error: {flag_names(str(e))}") from None
+    except KeyboardInterrupt:  # before the first round (start-up) or while shutting down: one line
+        print(f"\n{PROG} run: interrupted", file=sys.stderr, flush=True)
+        return job.EXIT_INTERRUPTED
 
 
 def _add_bench_arguments(p: argparse.ArgumentParser) -> None:

@@ -13,14 +13,17 @@ definitions live here too, so `cli.py` only registers the subcommand.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import mp_executors as mpx
-from mp_executors.simulation import datasets, models, outputs, program
+from mp_executors.simulation import checkpoint, datasets, models, outputs, program
 from mp_executors.simulation.program import DEFAULT_LOCAL_STEPS, DEFAULT_LR, FedAvgConfig
 
 EXECUTORS = ("mp", "local", "ray")
@@ -96,8 +99,86 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("outputs")
     o.add_argument("--out", default=None, metavar="DIR",
                    help="output directory (default: runs/<time>-<dataset>-<pid>)")
+    o.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                   help="write DIR/checkpoint.npz (atomically) every N rounds and after the last (default: 1)")
+    o.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run whose outputs are in DIR from its checkpoint, with its settings "
+                   "(runtime flags such as --executor/--workers may change; others must match or be left out)")
     o.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     o.add_argument("-q", "--quiet", action="store_true", help="no per-round lines and no pool log lines")
+
+
+#: Flags that do not change a run's numbers: free to differ when resuming. Every other flag does.
+RUNTIME_FLAGS = frozenset({
+    "executor", "workers", "threads_per_worker", "memory_per_worker", "oversubscribe", "devices", "out",
+    "no_plots", "quiet", "resume", "checkpoint_every", "command", "_handler",
+})
+
+
+def result_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that decide a run's numbers (what a checkpoint records and a resume restores)."""
+    return {k: v for k, v in vars(args).items() if k not in RUNTIME_FLAGS}
+
+
+def _defaults() -> dict[str, Any]:
+    p = argparse.ArgumentParser(add_help=False)
+    add_arguments(p)
+    return vars(p.parse_args([]))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def restore_args(args: argparse.Namespace, ckpt: checkpoint.Checkpoint) -> None:
+    """Fills `args` with the checkpoint's result flags; JobError if the command line asks otherwise."""
+    defaults = _defaults()
+    saved = ckpt.meta.get("args")
+    if not isinstance(saved, dict):
+        raise JobError(f"{checkpoint.path_in(args.resume)} has no recorded settings; it cannot be resumed.")
+    given = result_flags(args)
+    unknown = sorted(set(saved) - set(given))
+    if unknown:
+        raise JobError(f"{checkpoint.path_in(args.resume)} was written with flags this version does not know "
+                       f"({', '.join(_flag(k) for k in unknown)}); resume it with the version that wrote it.")
+    for key, value in given.items():
+        if key not in saved:
+            if value != defaults.get(key):
+                raise JobError(f"{_flag(key)} cannot be set when resuming a run made without it.")
+            continue
+        if value != defaults.get(key) and value != saved[key]:
+            raise JobError(
+                f"--resume {args.resume}: the checkpoint was made with {_flag(key)} {saved[key]}, this command "
+                f"asks for {value}; a resumed run keeps its settings (leave {_flag(key)} out, or start a new run).")
+        setattr(args, key, saved[key])
+    if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise JobError(f"--out {args.out} with --resume {args.resume}: a resumed run writes to its own folder; "
+                       "leave --out out.")
+    args.out = args.resume
+
+
+def resume_point(ckpt: checkpoint.Checkpoint, model: models.ModelSpec, data: datasets.DatasetSpec,
+                 cfg: FedAvgConfig, path: Path) -> program.Resume:
+    """The Resume a checkpoint gives for this configuration; JobError if it does not fit."""
+    config = json.loads(json.dumps(program.config_dict(model, data, cfg)))
+    if ckpt.meta.get("config") != config:
+        saved = ckpt.meta.get("config") or {}
+        diff = sorted(f"{part}.{k}" for part in config for k in config[part]
+                      if (saved.get(part) or {}).get(k, object()) != config[part][k])
+        raise JobError(f"{path} does not match this run's configuration (differs in: {', '.join(diff) or 'its layout'}"
+                       "; for a PATH.npz dataset, was the file changed?); it cannot be resumed.")
+    weights = ckpt.state.get("model")
+    expected = dict(model.shapes)
+    if not isinstance(weights, dict) or {k: tuple(np.shape(v)) for k, v in weights.items()} != expected:
+        raise JobError(f"{path}: its model weights do not fit {model.describe()}; it cannot be resumed.")
+    try:
+        result = program.result_from_json(ckpt.meta["result"], weights)
+    except (KeyError, TypeError) as e:
+        raise JobError(f"{path}: its metrics are incomplete ({e}); it cannot be resumed.") from None
+    if len(result.rounds) != ckpt.round or ckpt.round > cfg.rounds:
+        raise JobError(f"{path}: inconsistent (round {ckpt.round} with {len(result.rounds)} rounds of metrics, "
+                       f"of {cfg.rounds}); it cannot be resumed.")
+    return program.Resume(ckpt.state, result)
 
 
 def specs_from_args(args: argparse.Namespace):
@@ -195,6 +276,15 @@ def runtime_info(args: argparse.Namespace, factory: Any) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """The `run` subcommand's handler; returns the exit code."""
+    if args.checkpoint_every < 1:
+        raise JobError(f"--checkpoint-every must be at least 1, got {args.checkpoint_every}")
+    ckpt = None
+    if args.resume is not None:
+        try:
+            ckpt = checkpoint.load(Path(args.resume))
+        except checkpoint.CheckpointError as e:
+            raise JobError(str(e)) from None
+        restore_args(args, ckpt)
     model, data, cfg = specs_from_args(args)
     if data.name == "digits":
         try:
@@ -202,6 +292,12 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as e:
             raise JobError(str(e)) from None
         data.split_sizes  # noqa: B018 - draws the partition now: its errors are usage errors
+    resume = None
+    if ckpt is not None:
+        resume = resume_point(ckpt, model, data, cfg, checkpoint.path_in(Path(args.resume)))
+        if resume.result.rounds and len(resume.result.rounds) == cfg.rounds:
+            raise JobError(f"--resume {args.resume}: that run already finished its {cfg.rounds} rounds; "
+                           "nothing to resume.")
     label = data.name if data.name != "npz" else Path(data.path).stem
     out_dir = Path(args.out) if args.out else outputs.default_out_dir(label)
     factory = make_factory(args)
@@ -217,17 +313,34 @@ def run(args: argparse.Namespace) -> int:
     started = time.time()
     memory = outputs.MemorySampler(factory)
     if not args.quiet:
+        where = f"; resuming after round {len(resume.result.rounds)}" if resume is not None else ""
         print(f"FedAvg: {data.describe()}; {model.describe()}; {cfg.rounds} rounds of "
-              f"{cfg.clients_per_round or data.num_clients} clients; executor {args.executor}", flush=True)
+              f"{cfg.clients_per_round or data.num_clients} clients; executor {args.executor}{where}", flush=True)
     progress = outputs.Progress(cfg.rounds, quiet=args.quiet)
+    saved_flags, config = result_flags(args), program.config_dict(model, data, cfg)
+    last_checkpoint = [len(resume.result.rounds) if resume is not None else -1]
 
     def on_round(record):
         memory.sample()
         progress(record)
 
+    def on_checkpoint(result, state):
+        done = len(result.rounds)
+        checkpoint.save(out_dir, state, {"round": done, "rounds": cfg.rounds, "args": saved_flags,
+                                         "config": config, "result": program.result_to_json(result),
+                                         "accountant": None})
+        last_checkpoint[0] = done
+
+    interrupted = None
     try:
         with factory:
-            result = program.run_fedavg(model, data, cfg, factory, on_round=on_round, on_start=progress.start)
+            try:
+                result = program.run_fedavg(model, data, cfg, factory, on_round=on_round, on_start=progress.start,
+                                            resume=resume, on_checkpoint=on_checkpoint,
+                                            checkpoint_every=args.checkpoint_every)
+            except program.Interrupted as e:
+                interrupted = e.result
+                result = e.result
             memory.sample()
             runtime = runtime_info(args, factory)
     finally:
@@ -237,9 +350,10 @@ def run(args: argparse.Namespace) -> int:
             logger.setLevel(old_level)
     runtime["memory"] = memory.to_dict()
     runtime["environment"] = outputs.environment()
+    if interrupted is not None:
+        return _interrupted(args, out_dir, interrupted, model, data, cfg, runtime, started, last_checkpoint[0])
     doc = outputs.build_metrics(
-        result, program.config_dict(model, data, cfg),
-        {"dataset": data.describe(), "model": model.describe()}, runtime, started,
+        result, config, {"dataset": data.describe(), "model": model.describe()}, runtime, started,
     )
     notes = outputs.write_outputs(out_dir, doc, result, plots=not args.no_plots)
     print()
@@ -247,3 +361,26 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(note)
     return 0
+
+
+#: The exit code of a run stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
+EXIT_INTERRUPTED = 130
+
+
+def _interrupted(args, out_dir: Path, result: program.RunResult, model, data, cfg, runtime: dict, started: float,
+                 checkpointed: int) -> int:
+    """Ctrl-C: writes the finished rounds' outputs and prints ONE line (no table, no traceback)."""
+    done = len(result.rounds)
+    if checkpointed < 0:
+        print(f"\ninterrupted before the first round finished (round 0/{cfg.rounds}); nothing to resume",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    if done:
+        doc = outputs.build_metrics(result, program.config_dict(model, data, cfg),
+                                    {"dataset": data.describe(), "model": model.describe()}, runtime, started)
+        doc["interrupted_after_round"] = done
+        outputs.write_outputs(out_dir, doc, result, plots=not args.no_plots)
+    at = "" if checkpointed == done else f" (checkpoint at round {checkpointed})"
+    print(f"\ninterrupted after round {done}/{cfg.rounds}{at}; results so far in {out_dir}; "
+          f"resume with: mp-executors run --resume {out_dir}", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED

@@ -212,6 +212,22 @@ def sample_schedule(num_clients: int, cfg: FedAvgConfig) -> list[tuple[list[int]
     return schedule
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: carries the result of the rounds that finished (`result.rounds`)."""
+
+    def __init__(self, result: RunResult):
+        super().__init__()
+        self.result = result
+
+
+@dataclass
+class Resume:
+    """Where a resumed run starts: the state after `len(result.rounds)` rounds and its metrics so far."""
+
+    state: dict[str, Any]
+    result: RunResult
+
+
 def run_fedavg(
     model: models.ModelSpec,
     data: datasets.DatasetSpec,
@@ -219,41 +235,74 @@ def run_fedavg(
     factory: Any,
     on_round: Callable[[RoundRecord], None] | None = None,
     on_start: Callable[[], None] | None = None,
+    *,
+    resume: Resume | None = None,
+    on_checkpoint: Callable[[RunResult, dict[str, Any]], None] | None = None,
+    checkpoint_every: int = 1,
 ) -> RunResult:
-    """Runs `cfg.rounds` rounds of FedAvg on `factory`.
+    """Runs `cfg.rounds` rounds of FedAvg on `factory` (from `resume` if given).
 
-    Calls `on_start()` once the pool is up and the initial model evaluated, and
-    `on_round(record)` after each round.
+    Calls `on_start()` once the pool is up and the initial model evaluated, `on_round(record)`
+    after each round, and `on_checkpoint(result, state)` after round 0 and every
+    `checkpoint_every` rounds (and the last): `state` (numpy) and `result` are all a `Resume`
+    needs. Ctrl-C raises `Interrupted` carrying the result of the finished rounds.
     """
     comps = build_computations(model, data, cfg)
-    params = models.initial_params(model, np.random.default_rng([cfg.seed, 0]))
     # One ClientData over everyone, reused every round: the workers build it once and keep it.
     everyone = datasets.client_data(data)
-    result = RunResult(params=params)
-    with mpx.execution_context(factory):
-        start = time.perf_counter()
-        # Round 0: the initial model's metrics; this first call also starts the pool.
-        result.initial = _eval_metrics(comps.evaluate(params, everyone))
-        result.startup_s = time.perf_counter() - start
-        if on_start is not None:
-            on_start()
-        for r, (ids, seed) in enumerate(sample_schedule(data.num_clients, cfg), start=1):
-            clients = everyone if ids is None else datasets.client_data(data, ids)
-            start = time.perf_counter()
-            params, loss_sum, seen = comps.train_round(params, np.int32(seed), clients)
-            train_s = time.perf_counter() - start
-            metrics = {"local_loss": float(loss_sum) / max(float(seen), 1.0)}
-            eval_s = None
-            if r % cfg.eval_every == 0 or r == cfg.rounds:
+    if resume is None:
+        result = RunResult(params=models.initial_params(model, np.random.default_rng([cfg.seed, 0])))
+    else:
+        result = resume.result
+        result.params = resume.state["model"]
+    params = result.params
+    done = len(result.rounds)
+    try:
+        with mpx.execution_context(factory):
+            if resume is None:
                 start = time.perf_counter()
-                metrics.update(_eval_metrics(comps.evaluate(params, everyone)))
-                eval_s = time.perf_counter() - start
-            record = RoundRecord(r, len(clients), metrics, train_s, eval_s)
-            result.rounds.append(record)
-            result.params = params
-            if on_round is not None:
-                on_round(record)
+                # Round 0: the initial model's metrics; this first call also starts the pool.
+                result.initial = _eval_metrics(comps.evaluate(params, everyone))
+                result.startup_s = time.perf_counter() - start
+                if on_checkpoint is not None:
+                    on_checkpoint(result, {"model": params})
+            if on_start is not None:
+                on_start()
+            # The schedule is a pure function of (seed, round): resuming at round k draws the same.
+            for r, (ids, seed) in enumerate(sample_schedule(data.num_clients, cfg), start=1):
+                if r <= done:
+                    continue
+                clients = everyone if ids is None else datasets.client_data(data, ids)
+                start = time.perf_counter()
+                params, loss_sum, seen = comps.train_round(params, np.int32(seed), clients)
+                train_s = time.perf_counter() - start
+                metrics = {"local_loss": float(loss_sum) / max(float(seen), 1.0)}
+                eval_s = None
+                if r % cfg.eval_every == 0 or r == cfg.rounds:
+                    start = time.perf_counter()
+                    metrics.update(_eval_metrics(comps.evaluate(params, everyone)))
+                    eval_s = time.perf_counter() - start
+                record = RoundRecord(r, len(clients), metrics, train_s, eval_s)
+                result.rounds.append(record)
+                result.params = params
+                if on_checkpoint is not None and (r % checkpoint_every == 0 or r == cfg.rounds):
+                    on_checkpoint(result, {"model": params})
+                if on_round is not None:
+                    on_round(record)
+    except KeyboardInterrupt:
+        raise Interrupted(result) from None
     return result
+
+
+def result_to_json(result: RunResult) -> dict:
+    """The metrics part of a RunResult (no weights), for a checkpoint; floats round-trip exactly."""
+    return {"initial": result.initial, "startup_s": result.startup_s,
+            "rounds": [asdict(r) for r in result.rounds]}
+
+
+def result_from_json(doc: dict, params: dict[str, np.ndarray]) -> RunResult:
+    return RunResult(params=params, rounds=[RoundRecord(**r) for r in doc["rounds"]],
+                     initial=dict(doc["initial"]), startup_s=float(doc["startup_s"]))
 
 
 def config_dict(model: models.ModelSpec, data: datasets.DatasetSpec, cfg: FedAvgConfig) -> dict:
