@@ -47,11 +47,18 @@ def interrupt_after(out, round_number: int, *extra: str) -> tuple[int, str, str]
     return proc.returncode, "".join(lines) + out_rest, err
 
 
-@pytest.mark.parametrize("executor", [["--executor", "local"], ["--executor", "mp", "--workers", "1"]],
-                         ids=["local", "mp-1"])
-def test_interrupted_and_resumed_run_is_bitwise_an_uninterrupted_one(tmp_path, capsys, executor):
+# The second case also checkpoints a server optimizer's state (Adam's m, v) and DP's adaptive clip.
+DP_ADAM = ["--server-optimizer", "adam", "--server-lr", "0.05", "--clip", "0.5", "--noise-multiplier", "0.3",
+           "--adaptive-clip"]
+
+
+@pytest.mark.parametrize("executor, training", [
+    (["--executor", "local"], []),
+    (["--executor", "mp", "--workers", "1"], DP_ADAM),
+], ids=["local", "mp-1-adam-dp"])
+def test_interrupted_and_resumed_run_is_bitwise_an_uninterrupted_one(tmp_path, capsys, executor, training):
     out = tmp_path / "run"
-    rc, stdout, stderr = interrupt_after(out, 5, *executor)
+    rc, stdout, stderr = interrupt_after(out, 5, *executor, *training)
     assert rc == 130, (stdout, stderr)
     assert "Traceback" not in stderr, stderr
     last = stderr.strip().splitlines()[-1]
@@ -68,12 +75,16 @@ def test_interrupted_and_resumed_run_is_bitwise_an_uninterrupted_one(tmp_path, c
     assert cli.main(["run", "--resume", str(out), "--executor", "local"]) == 0
     # ... and compare with a run that was never interrupted.
     ref = tmp_path / "ref"
-    assert cli.main(["run", *JOB, "--out", str(ref), "--executor", "local"]) == 0
+    assert cli.main(["run", *JOB, *training, "--out", str(ref), "--executor", "local"]) == 0
     capsys.readouterr()
     assert deterministic_part(out) == deterministic_part(ref)
     a, b = np.load(out / "model.npz"), np.load(ref / "model.npz")
     assert set(a.files) == set(b.files) and all(np.array_equal(a[k], b[k]) for k in a.files)
     assert checkpoint.load(out).round == ROUNDS
+    if training:
+        assert set(checkpoint.load(out).state["optimizer"]) == {"step", "m", "v"}
+        assert "clip" in checkpoint.load(out).state["aggregator"]
+        assert deterministic_part(out)["metrics"]["rounds"][-1]["clip"] != 0.5  # adapted
     # A finished run has nothing to resume.
     assert cli.main(["run", "--resume", str(out)]) == 2
     assert "already finished" in capsys.readouterr().err
@@ -112,7 +123,8 @@ def _one_line_error(capsys) -> str:
 
 def test_checkpoint_is_written_atomically_and_verified(short_run):
     ckpt = checkpoint.load(short_run)
-    assert ckpt.round == 2 and set(ckpt.state) == {"model"}
+    assert ckpt.round == 2 and set(ckpt.state) == {"model", "optimizer", "round"}
+    assert int(ckpt.state["round"]) == 2
     assert not (short_run / "checkpoint.npz.tmp").exists()
     assert ckpt.meta["args"]["rounds"] == 2 and len(ckpt.meta["result"]["rounds"]) == 2
 

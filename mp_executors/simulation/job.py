@@ -47,6 +47,24 @@ def _workers(value: str) -> int | None:
     return n
 
 
+def _model(value: str) -> str:
+    if value in models.MODELS or models.is_keras(value):
+        return value
+    raise argparse.ArgumentTypeError(f"expected logreg, mlp or MODULE:FUNCTION, got {value!r}")
+
+
+def _eval_clients(value: str) -> int | str:
+    if value.strip().lower() == "all":
+        return "all"
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of clients or 'all', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 'all' or at least 1, got {n}")
+    return n
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data")
     d.add_argument("--dataset", default="synthetic", metavar="synthetic|digits|PATH.npz",
@@ -69,7 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="digits: the Dirichlet concentration; smaller is more skewed (default: 0.5)")
     t = p.add_argument_group("training")
     t.add_argument("--rounds", type=int, default=10, metavar="R", help="federated rounds (default: 10)")
-    t.add_argument("--model", choices=models.MODELS, default="logreg", help="(default: logreg)")
+    t.add_argument("--model", type=_model, default="logreg", metavar="logreg|mlp|MODULE:FUNCTION",
+                   help="logreg, mlp, or MODULE:FUNCTION: FUNCTION() returns a Keras model taking float32[batch, "
+                   "features] and giving logits (default: logreg)")
     t.add_argument("--hidden", type=int, default=64, help="mlp: hidden units (default: 64)")
     local = t.add_mutually_exclusive_group()
     local.add_argument("--local-steps", type=int, default=None, metavar="S",
@@ -78,10 +98,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="instead of --local-steps: passes over each client's examples per round")
     t.add_argument("--batch-size", type=int, default=10, metavar="B", help="local minibatch size (default: 10)")
     t.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"client learning rate (default: {DEFAULT_LR:g})")
+    t.add_argument("--server-optimizer", choices=program.SERVER_OPTIMIZERS, default="sgd",
+                   help="the server's optimizer on the clients' mean update: sgd (FedAvg), sgdm (FedAvgM, momentum "
+                   "0.9), adam, yogi, adagrad (FedAdam/FedYogi/FedAdagrad, Reddi et al.) (default: sgd)")
+    t.add_argument("--server-lr", type=float, default=None, metavar="LR",
+                   help="the server learning rate (default: 1.0 for sgd/sgdm, 0.1 for adam/yogi/adagrad)")
+    t.add_argument("--clip", type=float, default=None, metavar="C",
+                   help="DP-FedAvg: clip each client's update to L2 norm C (the start value with --adaptive-clip); "
+                   "clients then weigh equally")
+    t.add_argument("--noise-multiplier", type=float, default=0.0, metavar="Z",
+                   help="DP-FedAvg: Gaussian noise of std Z x clip on the sum of clipped updates (default: 0)")
+    t.add_argument("--adaptive-clip", action="store_true",
+                   help="DP-FedAvg: adapt the clip towards the median update norm (Andrew et al. 2021)")
+    t.add_argument("--delta", type=float, default=1e-5, help="DP: the delta epsilon is reported at (default: 1e-5)")
     t.add_argument("--mu", type=float, default=0.0, help="FedProx proximal term; 0 = FedAvg (default: 0)")
     t.add_argument("--seed", type=int, default=0, help="seeds the data, the initial model and sampling")
     t.add_argument("--eval-every", type=int, default=1, metavar="N",
-                   help="evaluate the global model on every client every N rounds (and after the last)")
+                   help="evaluate the global model every N rounds (and after the last)")
+    t.add_argument("--eval-clients", type=_eval_clients, default=None, metavar="K|all",
+                   help=f"evaluate on a fixed seeded sample of K clients, or all (default: "
+                   f"min(clients, {program.DEFAULT_EVAL_CLIENTS}))")
     r = p.add_argument_group("runtime")
     r.add_argument("--executor", choices=EXECUTORS, default="mp",
                    help="mp: the worker pool; local: in this process; ray: a Ray cluster (default: mp)")
@@ -168,8 +204,9 @@ def resume_point(ckpt: checkpoint.Checkpoint, model: models.ModelSpec, data: dat
         raise JobError(f"{path} does not match this run's configuration (differs in: {', '.join(diff) or 'its layout'}"
                        "; for a PATH.npz dataset, was the file changed?); it cannot be resumed.")
     weights = ckpt.state.get("model")
-    expected = dict(model.shapes)
-    if not isinstance(weights, dict) or {k: tuple(np.shape(v)) for k, v in weights.items()} != expected:
+    expected = None if models.is_keras(model.name) else dict(model.shapes)  # Keras: the digest vouches
+    if not isinstance(weights, dict) or (
+            expected is not None and {k: tuple(np.shape(v)) for k, v in weights.items()} != expected):
         raise JobError(f"{path}: its model weights do not fit {model.describe()}; it cannot be resumed.")
     try:
         result = program.result_from_json(ckpt.meta["result"], weights)
@@ -206,7 +243,9 @@ def specs_from_args(args: argparse.Namespace):
             rounds=args.rounds, clients_per_round=args.clients_per_round,
             local_steps=args.local_steps, local_epochs=args.local_epochs,
             batch_size=args.batch_size, learning_rate=args.lr, mu=args.mu, seed=args.seed,
-            eval_every=args.eval_every,
+            eval_every=args.eval_every, server_optimizer=args.server_optimizer, server_lr=args.server_lr,
+            clip=args.clip, noise_multiplier=args.noise_multiplier, adaptive_clip=args.adaptive_clip,
+            delta=args.delta, eval_clients=_eval_count(args.eval_clients, data.num_clients),
         )
     except datasets.NpzError as e:  # it names the file: no flag renaming in it
         raise JobError(str(e).replace("max_examples", "--max-examples")) from None
@@ -215,8 +254,20 @@ def specs_from_args(args: argparse.Namespace):
     return model, data, cfg
 
 
+def _eval_count(value: int | str | None, num_clients: int) -> int | None:
+    """--eval-clients as FedAvgConfig.eval_clients (None: every client)."""
+    if value is None:  # the default: a sample of DEFAULT_EVAL_CLIENTS, or everyone if fewer
+        return program.DEFAULT_EVAL_CLIENTS if num_clients > program.DEFAULT_EVAL_CLIENTS else None
+    if value == "all":
+        return None
+    if value > num_clients:
+        raise JobError(f"--eval-clients {value} is more than the {num_clients} clients (use 'all')")
+    return None if value == num_clients else int(value)
+
+
 def _flag_names(message: str) -> str:
-    for name in ("clients_per_round", "local_epochs", "local_steps", "batch_size", "eval_every", "max_examples",
+    for name in ("clients_per_round", "server_optimizer", "server_lr", "noise_multiplier", "adaptive_clip",
+                 "eval_clients", "local_epochs", "local_steps", "batch_size", "eval_every", "max_examples",
                  "rounds"):
         message = message.replace(name, "--" + name.replace("_", "-"))
     return (message.replace("the learning rate", "--lr").replace("the number of clients", "--clients")
@@ -328,7 +379,7 @@ def run(args: argparse.Namespace) -> int:
         done = len(result.rounds)
         checkpoint.save(out_dir, state, {"round": done, "rounds": cfg.rounds, "args": saved_flags,
                                          "config": config, "result": program.result_to_json(result),
-                                         "accountant": None})
+                                         "accountant": _accountant_state(data, cfg, done)})
         last_checkpoint[0] = done
 
     interrupted = None
@@ -355,12 +406,35 @@ def run(args: argparse.Namespace) -> int:
     doc = outputs.build_metrics(
         result, config, {"dataset": data.describe(), "model": model.describe()}, runtime, started,
     )
-    notes = outputs.write_outputs(out_dir, doc, result, plots=not args.no_plots)
+    notes = []
+    privacy = privacy_spent(data, cfg, len(result.rounds))
+    if isinstance(privacy, str):
+        notes.append(privacy)
+    elif privacy is not None:
+        doc["metrics"]["privacy"] = privacy
+    notes += outputs.write_outputs(out_dir, doc, result, plots=not args.no_plots)
     print()
     print(outputs.summary_table(doc, out_dir))
     for note in notes:
         print(note)
     return 0
+
+
+def _accountant_state(data: datasets.DatasetSpec, cfg: FedAvgConfig, rounds: int) -> dict | None:
+    acc = program.accountant(data, cfg, rounds)
+    return None if acc is None else acc.state()
+
+
+def privacy_spent(data: datasets.DatasetSpec, cfg: FedAvgConfig, rounds: int) -> dict | str | None:
+    """{"epsilon", "delta", ...} of a run with noise; a note if dp-accounting is missing; None without noise."""
+    acc = program.accountant(data, cfg, rounds)
+    if acc is None:
+        return None
+    try:
+        eps = acc.epsilon(cfg.delta)
+    except ImportError as e:
+        return f"privacy spent not computed: {e}"
+    return {"epsilon": eps, "delta": cfg.delta, **acc.state()}
 
 
 #: The exit code of a run stopped by Ctrl-C (128 + SIGINT, as a shell reports it).

@@ -20,7 +20,13 @@ import numpy as np
 
 import mp_executors as mpx
 
-MODELS = ("logreg", "mlp")
+MODELS = ("logreg", "mlp")  # or "MODULE:FUNCTION", a function returning a Keras model (see `is_keras`)
+
+
+def is_keras(name: str) -> bool:
+    """A user's model: "MODULE:FUNCTION", FUNCTION() returning a Keras 3 model whose outputs are logits."""
+    module, _, function = name.partition(":")
+    return bool(module) and bool(function) and name not in MODELS
 
 
 @dataclass(frozen=True)
@@ -31,13 +37,16 @@ class ModelSpec:
     hidden: int = 64  # mlp only
 
     def __post_init__(self) -> None:
-        if self.name not in MODELS:
-            raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(MODELS)}.")
+        if self.name not in MODELS and not is_keras(self.name):
+            raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(MODELS)} or MODULE:FUNCTION "
+                             "(a function returning a Keras model).")
         if self.hidden < 1:
             raise ValueError(f"hidden must be at least 1, got {self.hidden}.")
 
     @property
     def shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        if is_keras(self.name):
+            raise ValueError(f"a Keras model ({self.name}) has no built-in shapes; build it with mpx.learning.")
         f, k, h = self.num_features, self.num_classes, self.hidden
         if self.name == "logreg":
             return [("w", (f, k)), ("b", (k,))]
@@ -48,6 +57,8 @@ class ModelSpec:
         return [n for n, _ in self.shapes]
 
     def describe(self) -> str:
+        if is_keras(self.name):
+            return f"Keras model from {self.name} ({self.num_features} features, {self.num_classes} classes)"
         size = sum(int(np.prod(s)) for _, s in self.shapes)
         if self.name == "logreg":
             return f"logistic regression {self.num_features}->{self.num_classes} ({size} parameters)"

@@ -278,6 +278,9 @@ def summary_table(doc: dict, out_dir: Path) -> str:
         ("rounds", f"{len(doc['metrics']['rounds'])} ({doc['metrics']['rounds'][-1]['clients']} clients in the last)"),
         ("final test accuracy", f"{final['test_accuracy']:.4f}"),
         ("final train accuracy / loss", f"{final['train_accuracy']:.4f} / {final['train_loss']:.4f}"),
+        *([("privacy spent (DP)", f"epsilon {doc['metrics']['privacy']['epsilon']:.3g} at delta "
+                                   f"{doc['metrics']['privacy']['delta']:g} ({doc['metrics']['privacy']['accountant']})")]
+          if "privacy" in doc["metrics"] else []),
         ("round time, mean / median", f"{timing['mean_round_s']:.3f} s / {timing['median_round_s']:.3f} s"),
         ("start-up (first call)", f"{timing['startup_s']:.2f} s"),
         ("total", f"{timing['total_s']:.1f} s"),

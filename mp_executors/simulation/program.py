@@ -22,6 +22,7 @@ One round (`train_round`):
 from __future__ import annotations
 
 import hashlib
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,6 +36,9 @@ from mp_executors.simulation import datasets, models
 #: Defaults of `mp-executors run` (see FedAvgConfig and the README's main-job section).
 DEFAULT_LOCAL_STEPS = 10
 DEFAULT_LR = 0.2
+#: Clients evaluated by default: a fixed sample of this many (or every client, if fewer).
+DEFAULT_EVAL_CLIENTS = 1000
+SERVER_OPTIMIZERS = ("sgd", "sgdm", "adam", "yogi", "adagrad")  # == mpx.learning.optimizers.NAMES
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,18 @@ class FedAvgConfig:
     mu: float = 0.0  # FedProx proximal weight; 0 is plain FedAvg
     seed: int = 0
     eval_every: int = 1
+    # The server optimizer (mpx.learning.optimizers.get: sgd, sgdm, adam, yogi, adagrad) and its
+    # learning rate (None: 1.0 for sgd/sgdm, i.e. plain FedAvg/FedAvgM; 0.1 for the adaptive ones).
+    server_optimizer: str = "sgd"
+    server_lr: float | None = None
+    # DP-FedAvg: clip each client's update to L2 norm `clip` (the initial clip if adaptive) and
+    # add Gaussian noise of std noise_multiplier * clip to the sum. All None/0/False: no DP.
+    clip: float | None = None
+    noise_multiplier: float = 0.0
+    adaptive_clip: bool = False
+    delta: float = 1e-5  # the delta epsilon is reported at
+    # Clients evaluated (a fixed seeded sample, the same every time); None: every client.
+    eval_clients: int | None = None
 
     def __post_init__(self) -> None:
         if self.local_steps is not None and self.local_epochs is not None:
@@ -68,6 +84,27 @@ class FedAvgConfig:
             raise ValueError(f"the learning rate must be > 0, got {self.learning_rate}.")
         if self.mu < 0:
             raise ValueError(f"mu must be >= 0, got {self.mu}.")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(f"unknown server_optimizer {self.server_optimizer!r}; choose one of "
+                             f"{', '.join(SERVER_OPTIMIZERS)}.")
+        if self.server_lr is not None and not self.server_lr > 0:
+            raise ValueError(f"server_lr must be > 0, got {self.server_lr}.")
+        if self.clip is not None and not self.clip > 0:
+            raise ValueError(f"clip must be > 0, got {self.clip}.")
+        if not self.noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}.")
+        if self.noise_multiplier > 0 and self.clip is None and not self.adaptive_clip:
+            raise ValueError("noise_multiplier needs a clip (the noise is noise_multiplier x clip): give clip or "
+                             "adaptive_clip.")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}.")
+        if self.eval_clients is not None and self.eval_clients < 1:
+            raise ValueError(f"eval_clients must be at least 1, got {self.eval_clients}.")
+
+    @property
+    def private(self) -> bool:
+        """DP-FedAvg (clipping, noise) rather than the plain weighted mean."""
+        return self.clip is not None or self.noise_multiplier > 0 or self.adaptive_clip
 
 
 @dataclass
@@ -228,6 +265,77 @@ class Resume:
     result: RunResult
 
 
+@dataclass
+class Training:
+    """The run's mpx.learning objects: the model, the FedAvg process, the two evaluations."""
+
+    model: Any  # mpx.learning.Model
+    process: Any  # mpx.learning.FedAvgProcess
+    evaluate_train: Any
+    evaluate_test: Any
+
+
+def learning_model(spec: models.ModelSpec, seed: int) -> Any:
+    """The `mpx.learning` Model for `spec`: logreg, mlp (the same weights as `models`), or a Keras model.
+
+    A Keras model ("MODULE:FUNCTION") is built by calling FUNCTION() after seeding Keras with
+    `seed` (so its initial weights are reproducible); its outputs must be logits.
+    """
+    # mpx.learning imports TensorFlow: only once a run really starts (the CLI stays light).
+    from mp_executors import learning  # noqa: PLC0415
+    from mp_executors._tf import tf  # noqa: PLC0415
+
+    if spec.name == "logreg":
+        return learning.logreg(spec.num_features, spec.num_classes, seed)
+    if spec.name == "mlp":
+        return learning.mlp(spec.num_features, spec.num_classes, spec.hidden, seed)
+    module_name, _, function_name = spec.name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"model {spec.name}: cannot import {function_name!r} from {module_name!r} ({e}).") from None
+    tf.keras.utils.set_random_seed(seed)
+    return learning.from_keras_model(
+        fn, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        input_spec=(tf.TensorSpec([None, spec.num_features], tf.float32), tf.TensorSpec([None], tf.int32)),
+        metrics=["accuracy"])
+
+
+def build_training(model: models.ModelSpec, data: datasets.DatasetSpec, cfg: FedAvgConfig) -> Training:
+    """The run's FedAvg process and evaluations (mpx.learning) for this model, dataset and config."""
+    from mp_executors import learning  # noqa: PLC0415 - imports TensorFlow (see learning_model)
+    from mp_executors.learning import optimizers  # noqa: PLC0415
+
+    net = learning_model(model, cfg.seed)
+    aggregator: Any = "mean"
+    if cfg.private:
+        aggregator = learning.dp(cfg.noise_multiplier, cfg.clients_per_round or data.num_clients, clip=cfg.clip,
+                                 adaptive=cfg.adaptive_clip)
+    process = learning.fed_avg(
+        net, learning.SGD(cfg.learning_rate), optimizers.get(cfg.server_optimizer, cfg.server_lr),
+        batch_size=cfg.batch_size, local_steps=cfg.local_steps, local_epochs=cfg.local_epochs, mu=cfg.mu,
+        aggregator=aggregator, seed=cfg.seed, split="train")
+    return Training(net, process, learning.evaluate(net, split="train"), learning.evaluate(net, split="test"))
+
+
+def eval_ids(num_clients: int, cfg: FedAvgConfig) -> list[int] | None:
+    """The clients every evaluation uses: a fixed sample drawn from [seed, 3], sorted; None: everyone."""
+    k = cfg.eval_clients
+    if k is None or k >= num_clients:
+        return None
+    return sorted(int(i) for i in np.random.default_rng([cfg.seed, 3]).choice(num_clients, k, replace=False))
+
+
+def accountant(data: datasets.DatasetSpec, cfg: FedAvgConfig, rounds: int = 0) -> Any:
+    """The run's PrivacyAccountant (None without noise)."""
+    if cfg.noise_multiplier <= 0:
+        return None
+    from mp_executors.learning import PrivacyAccountant  # noqa: PLC0415 - imports TensorFlow
+
+    q = (cfg.clients_per_round or data.num_clients) / data.num_clients
+    return PrivacyAccountant(cfg.noise_multiplier, min(q, 1.0), rounds)
+
+
 def run_fedavg(
     model: models.ModelSpec,
     data: datasets.DatasetSpec,
@@ -240,53 +348,62 @@ def run_fedavg(
     on_checkpoint: Callable[[RunResult, dict[str, Any]], None] | None = None,
     checkpoint_every: int = 1,
 ) -> RunResult:
-    """Runs `cfg.rounds` rounds of FedAvg on `factory` (from `resume` if given).
+    """Runs `cfg.rounds` rounds of FedAvg (`mpx.learning.fed_avg`) on `factory` (from `resume` if given).
 
     Calls `on_start()` once the pool is up and the initial model evaluated, `on_round(record)`
     after each round, and `on_checkpoint(result, state)` after round 0 and every
-    `checkpoint_every` rounds (and the last): `state` (numpy) and `result` are all a `Resume`
-    needs. Ctrl-C raises `Interrupted` carrying the result of the finished rounds.
+    `checkpoint_every` rounds (and the last): the process `state` (numpy) and `result` are all
+    a `Resume` needs. Ctrl-C raises `Interrupted` carrying the result of the finished rounds.
     """
-    comps = build_computations(model, data, cfg)
-    # One ClientData over everyone, reused every round: the workers build it once and keep it.
-    everyone = datasets.client_data(data)
+    training = build_training(model, data, cfg)
+    ids = eval_ids(data.num_clients, cfg)
+    # One ClientData over the evaluated clients, reused: the workers build them once and keep them.
+    evaluated = datasets.client_data(data, ids)
     if resume is None:
-        result = RunResult(params=models.initial_params(model, np.random.default_rng([cfg.seed, 0])))
+        state = training.process.initialize()
+        result = RunResult(params=state["model"])
     else:
-        result = resume.result
-        result.params = resume.state["model"]
-    params = result.params
+        state, result = resume.state, resume.result
+        result.params = state["model"]
     done = len(result.rounds)
+
+    def evaluate(weights) -> dict[str, float]:
+        train, test = training.evaluate_train(weights, evaluated), training.evaluate_test(weights, evaluated)
+        return {"train_loss": train["loss"], "train_accuracy": train.get("accuracy", float("nan")),
+                "test_loss": test["loss"], "test_accuracy": test.get("accuracy", float("nan"))}
+
     try:
         with mpx.execution_context(factory):
             if resume is None:
                 start = time.perf_counter()
                 # Round 0: the initial model's metrics; this first call also starts the pool.
-                result.initial = _eval_metrics(comps.evaluate(params, everyone))
+                result.initial = evaluate(state["model"])
                 result.startup_s = time.perf_counter() - start
                 if on_checkpoint is not None:
-                    on_checkpoint(result, {"model": params})
+                    on_checkpoint(result, state)
             if on_start is not None:
                 on_start()
-            # The schedule is a pure function of (seed, round): resuming at round k draws the same.
-            for r, (ids, seed) in enumerate(sample_schedule(data.num_clients, cfg), start=1):
+            # The schedule is a pure function of (seed, round), and so is every random number of a
+            # round (keyed by the process's seed and state["round"]): resuming at round k draws the same.
+            for r, (sampled, _) in enumerate(sample_schedule(data.num_clients, cfg), start=1):
                 if r <= done:
                     continue
-                clients = everyone if ids is None else datasets.client_data(data, ids)
+                clients = datasets.client_data(data, sampled)
                 start = time.perf_counter()
-                params, loss_sum, seen = comps.train_round(params, np.int32(seed), clients)
+                state, out = training.process.next(state, clients)
                 train_s = time.perf_counter() - start
-                metrics = {"local_loss": float(loss_sum) / max(float(seen), 1.0)}
+                metrics = {"local_loss": out["loss"]}
+                metrics.update({k: out[k] for k in ("clip", "unclipped_fraction") if k in out})
                 eval_s = None
                 if r % cfg.eval_every == 0 or r == cfg.rounds:
                     start = time.perf_counter()
-                    metrics.update(_eval_metrics(comps.evaluate(params, everyone)))
+                    metrics.update(evaluate(state["model"]))
                     eval_s = time.perf_counter() - start
                 record = RoundRecord(r, len(clients), metrics, train_s, eval_s)
                 result.rounds.append(record)
-                result.params = params
+                result.params = state["model"]
                 if on_checkpoint is not None and (r % checkpoint_every == 0 or r == cfg.rounds):
-                    on_checkpoint(result, {"model": params})
+                    on_checkpoint(result, state)
                 if on_round is not None:
                     on_round(record)
     except KeyboardInterrupt:
