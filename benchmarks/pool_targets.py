@@ -1,7 +1,8 @@
 """Measures the worker pool against its targets, in one run (one machine state).
 
     python benchmarks/pool_targets.py [--rounds 6] [--out benchmarks/results/pool_targets.json]
-    python benchmarks/pool_targets.py --cold-only      # only the cold-start targets (~3 min)
+    python benchmarks/pool_targets.py --cold-only      # only the cold-start targets (~5 min;
+                                                       # benchmarks/results/pool_targets_cold.json)
 
 Cold start (each sample a fresh process, `mp_executors.benchmarking.coldstart`): a
 2-worker pool ready after the parent's TensorFlow import (fork server vs
@@ -35,8 +36,9 @@ import psutil
 
 import mp_executors as mpx
 from mp_executors._tf import tf
+from mp_executors.benchmarking import coldstart
 from mp_executors.benchmarking import workloads as W
-from mp_executors.benchmarking.suite import machine, measure
+from mp_executors.benchmarking.suite import COLDSTART_RUNTIMES, machine, measure
 
 
 def worker_memory(factory) -> dict:
@@ -130,8 +132,10 @@ def default_run_wall(repeats: int) -> dict:
 
 
 def cold_rows(results: dict) -> list[tuple]:
-    pr, run = results["pool_ready"], results["default_run"]
+    pr, run, first = results["pool_ready"], results["default_run"], results["first_result"]
     return [
+        *((f"factory creation -> first result, 100 clients, {rt} (s)", first[rt]["median"], "")
+          for rt in first),
         ("2-worker pool ready after the parent's TF import, fork server (s)", pr["forkserver"]["median"], "<= 2"),
         ("2-worker pool ready after the parent's TF import, start_method='loky' (s)", pr["loky"]["median"],
          "(the former default)"),
@@ -146,11 +150,15 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--overhead-clients", type=int, default=10_000)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "pool_targets.json"))
+    parser.add_argument("--out", default=None, help="default: benchmarks/results/pool_targets.json "
+                        "(pool_targets_cold.json with --cold-only)")
     parser.add_argument("--cold-runs", type=int, default=3, help="fresh processes per pool-ready sample")
     parser.add_argument("--run-repeats", type=int, default=3, help="default `mp-executors run`s per executor")
     parser.add_argument("--cold-only", action="store_true", help="measure only the cold-start targets")
     args = parser.parse_args(argv)
+    if args.out is None:
+        name = "pool_targets_cold.json" if args.cold_only else "pool_targets.json"
+        args.out = str(Path(__file__).resolve().parent / "results" / name)
     n, rounds = args.clients, args.rounds
     results: dict = {
         "command": "python benchmarks/pool_targets.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -159,6 +167,9 @@ def main(argv=None) -> int:
     }
     print("cold start: 2-worker pool ready after the parent's TensorFlow import ...", flush=True)
     results["pool_ready"] = pool_ready(args.cold_runs)
+    print("cold start: factory creation -> first result (100 clients), local / mp / mp with loky ...", flush=True)
+    results["first_result"] = {rt: coldstart.measure(executor, method, clients=100, runs=args.cold_runs)
+                               for rt, executor, method in COLDSTART_RUNTIMES}
     print("cold start: the default `mp-executors run`, mp and local interleaved ...", flush=True)
     results["default_run"] = default_run_wall(args.run_repeats)
     if args.cold_only:
