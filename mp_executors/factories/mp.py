@@ -59,11 +59,14 @@ class MpExecutorFactory(CachingExecutorFactory):
         # Validate every sizing argument now, before any call dispatches work.
         self.plan(num_workers if is_int(num_workers) else 1)
         self.pool = WorkerPool(start_method, lock=self._lock)  # the factory's one lock
-        if self.pool.start_method == "forkserver":
+        if self.PRESTART_FORK_SERVER and self.pool.start_method == "forkserver":
             # Workers fork from a server that has imported TensorFlow: start it now
             # (or at the end of this process's own TensorFlow import), so that it is
             # ready by the first call.
             fork_server.prestart()
+
+    #: Start the fork server when the factory is made (False for a subclass whose workers run elsewhere).
+    PRESTART_FORK_SERVER = True
 
     #: How long a machine reading (free memory, CPUs) is reused for planning.
     MACHINE_READING_SECONDS = 5.0

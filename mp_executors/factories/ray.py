@@ -93,6 +93,8 @@ def cluster_machine(gpus_per_worker: float = 0) -> Machine:
 class RayExecutorFactory(MpExecutorFactory):
     """`MpExecutorFactory` over Ray actors, planned for the Ray cluster."""
 
+    PRESTART_FORK_SERVER = False  # the workers are Ray actors, not forked here
+
     #: How long a reading of the cluster's resources is reused for planning.
     MACHINE_READING_SECONDS = 5.0
 

@@ -23,11 +23,14 @@ The moving parts:
 
 - `WorkerPool` owns the slots. Each slot is its own single-process loky
   executor, so a request reaches exactly the worker that holds its values,
-  each worker gets its own environment before Python starts (CPU set, thread
-  counts, CUDA_VISIBLE_DEVICES; `planning.WorkerSlot.env`), and a crash kills
-  only that slot. Workers import TensorFlow once (`worker.initialize`) and
-  stay warm across calls; the pool grows with `fit` and shrinks with
-  `detach_idle`.
+  each worker gets its own environment before TensorFlow initialises (CPU
+  set, thread counts, CUDA_VISIBLE_DEVICES; `planning.WorkerSlot.env`), and a
+  crash kills only that slot. With the default start method ('forkserver')
+  the worker processes are forked from `workers.fork_server`, which has
+  imported TensorFlow once and never initialised it, so a worker starts in a
+  fraction of a second; with 'loky'/'spawn' each is a fresh interpreter that
+  imports TensorFlow itself (`worker.initialize`, seconds). Workers stay warm
+  across calls; the pool grows with `fit` and shrinks with `detach_idle`.
 - `RemoteShard` is the parent's proxy for one `ClientShard` in one worker
   (whose process state, shards included, a `workers.service.Worker` owns):
   it implements the `ShardTarget` protocol of the FederatingExecutor, so the
@@ -52,7 +55,8 @@ The moving parts:
   kills and joins every worker. A worker whose parent dies (even by SIGKILL)
   exits by itself within about a second: loky workers would block on their
   pipe forever, so `worker.initialize` starts a thread that watches the
-  parent's pid.
+  pool owner's pid (the worker's parent, or its grandparent through the fork
+  server; the fork server exits once the owner and its workers are gone).
 """
 
 from __future__ import annotations

@@ -4,9 +4,12 @@ A worker process hosts one `service.Worker` object, which owns the process's
 state (its `ClientShard`s by shard id, the compiled functions it was sent, the
 shared-memory segments it has mapped, its ClientData cache) for the lifetime
 of the process. `initialize(slot)` creates it, after pinning the process to
-its CPUs and applying its thread and GPU settings BEFORE TensorFlow is
-imported: TensorFlow sizes its thread pools from the affinity mask and reads
-CUDA_VISIBLE_DEVICES once.
+its CPUs and applying its thread and GPU settings BEFORE TensorFlow
+initialises: TensorFlow sizes its thread pools from the affinity mask and
+reads its thread counts and CUDA_VISIBLE_DEVICES when it initialises. A worker
+forked from `workers.fork_server` has TensorFlow imported already but not
+initialised (`report()["start"]` says so); a spawned one imports it here,
+after pinning.
 
 The other functions here (`open_shard`, `close_shard`, `handle`, `report`)
 only forward to that object: loky and Ray need importable module-level
