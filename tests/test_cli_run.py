@@ -106,6 +106,14 @@ def test_ray_executor_without_ray_installed_is_a_one_line_error(tmp_path, capsys
     (["--local-steps", "5", "--local-epochs", "1"], "not allowed with argument"),
     (["--local-steps", "0"], "--local-steps must be at least 1"),
     (["--dataset", "/nonexistent/data.npz"], "/nonexistent/data.npz: no such file"),
+    (["--noise-multiplier", "1"], "--noise-multiplier needs a --clip"),
+    (["--clients", "10", "--eval-clients", "11"], "--eval-clients 11 is more than the 10 clients"),
+    (["--eval-clients", "0"], "argument --eval-clients: must be 'all' or at least 1"),
+    (["--model", "cnn"], "expected logreg, mlp or MODULE:FUNCTION"),
+    (["--model", "no_such_module_xyz:make"], "cannot import 'make' from 'no_such_module_xyz'"),
+    (["--server-optimizer", "lamb"], "invalid choice: 'lamb'"),
+    (["--server-lr", "0"], "--server-lr must be > 0"),
+    (["--clip", "-1"], "--clip must be > 0"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert cli.main(["run", *args, "--out", str(tmp_path / "x")]) == 2
@@ -193,3 +201,55 @@ def test_bad_npz_is_one_line_and_exit_2(write, args, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not out.exists()
+
+
+FEDOPT_DP = ["--server-optimizer", "yogi", "--server-lr", "0.05", "--clip", "1.0", "--noise-multiplier", "0.5",
+             "--eval-clients", "10"]
+
+
+def test_server_optimizer_dp_and_eval_sample_are_the_same_on_local_and_two_workers(tmp_path, capsys):
+    local, _ = run_job(tmp_path, "local", "--executor", "local", *FEDOPT_DP)
+    mp2, _ = run_job(tmp_path, "mp2", "--executor", "mp", "--workers", "2", *FEDOPT_DP)
+    stdout = capsys.readouterr().out
+    assert deterministic_part(local) == deterministic_part(mp2)
+    cfg = local["config"]["fedavg"]
+    assert (cfg["server_optimizer"], cfg["clip"], cfg["eval_clients"]) == ("yogi", 1.0, 10)
+    assert all(r["clip"] == 1.0 for r in local["metrics"]["rounds"])
+    try:
+        import dp_accounting  # noqa: F401
+    except ImportError:
+        assert "privacy spent not computed" in stdout
+    else:
+        privacy = local["metrics"]["privacy"]
+        assert privacy["rounds"] == 2 and privacy["sampling_probability"] == 20 / 24 and privacy["epsilon"] > 0
+        assert "privacy spent (DP)" in stdout
+    plain, _ = run_job(tmp_path, "plain", "--executor", "local")
+    capsys.readouterr()
+    assert plain["metrics"]["final_model_sha256"] != local["metrics"]["final_model_sha256"]
+
+
+def test_eval_clients_is_a_fixed_sample(tmp_path, capsys):
+    all_, _ = run_job(tmp_path, "all", "--executor", "local", "--eval-clients", "all")
+    default, _ = run_job(tmp_path, "default", "--executor", "local")
+    few, _ = run_job(tmp_path, "few", "--executor", "local", "--eval-clients", "5")
+    capsys.readouterr()
+    # 24 clients: the default (min(N, 1000)) is everyone; a sample of 5 sees other numbers, same model.
+    assert deterministic_part(all_) == deterministic_part(default)
+    assert few["metrics"]["final_model_sha256"] == all_["metrics"]["final_model_sha256"]
+    assert few["metrics"]["final"]["test_loss"] != all_["metrics"]["final"]["test_loss"]
+
+
+def test_keras_model_from_module_function(tmp_path, capsys, monkeypatch):
+    (tmp_path / "my_keras_models.py").write_text(
+        "import keras\n"
+        "def small():\n"
+        "    return keras.Sequential([keras.Input((60,)), keras.layers.Dense(8, activation='relu'),\n"
+        "                             keras.layers.Dense(10)])\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    a, out = run_job(tmp_path, "k1", "--executor", "local", "--model", "my_keras_models:small")
+    b, _ = run_job(tmp_path, "k2", "--executor", "mp", "--workers", "2", "--model", "my_keras_models:small")
+    capsys.readouterr()
+    assert deterministic_part(a) == deterministic_part(b)  # seeded initial weights, same bits
+    assert "Keras model from my_keras_models:small" in a["model"]
+    assert a["metrics"]["final"]["train_loss"] < a["metrics"]["initial"]["train_loss"]
+    assert len(np.load(out / "model.npz").files) == 4

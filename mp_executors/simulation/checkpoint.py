@@ -7,7 +7,7 @@ crash or Ctrl-C at any moment leaves either the previous checkpoint or the new o
 of one. It holds
 
 - ``state/<path>``: the training state's arrays (the model's weights, the server optimizer's
-  state, the round, the DP clip ...), a nested dict flattened with "/" in the keys;
+  state, the round, the DP clip ...), a nested dict flattened, <path> its keys as a JSON list;
 - ``meta``: one JSON string: the format version, the round reached and the total, the flags
   that decide the numbers (``args``) and the resulting ``config`` (`program.config_dict`), the
   metrics so far (round 0 and one record per finished round), the DP accountant's state (if
@@ -51,25 +51,23 @@ class Checkpoint:
         return int(self.meta["round"])
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    """{"a": {"b": x}} -> {"a/b": x} (arrays kept with their dtype and shape)."""
+def flatten(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """{"a": {"b/c": x}} -> {'["a", "b/c"]': x}: keys are JSON paths (weight names may hold "/")."""
     out: dict[str, np.ndarray] = {}
     for key, value in tree.items():
-        if "/" in str(key):
-            raise ValueError(f"checkpoint: state key {key!r} contains '/'.")
-        path = f"{prefix}{key}"
+        path = (*prefix, str(key))
         if isinstance(value, dict):
-            out.update(flatten(value, path + "/"))
+            out.update(flatten(value, path))
         else:
-            out[path] = np.asarray(value)
+            out[json.dumps(list(path))] = np.asarray(value)
     return out
 
 
 def unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
-    for path, value in flat.items():
+    for key, value in flat.items():
         node = tree
-        *parents, leaf = path.split("/")
+        *parents, leaf = json.loads(key)
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -266,10 +267,10 @@ def _eval_count(value: int | str | None, num_clients: int) -> int | None:
 
 
 def _flag_names(message: str) -> str:
-    for name in ("clients_per_round", "server_optimizer", "server_lr", "noise_multiplier", "adaptive_clip",
-                 "eval_clients", "local_epochs", "local_steps", "batch_size", "eval_every", "max_examples",
-                 "rounds"):
-        message = message.replace(name, "--" + name.replace("_", "-"))
+    names = ("clients_per_round", "server_optimizer", "server_lr", "noise_multiplier", "adaptive_clip",
+             "eval_clients", "local_epochs", "local_steps", "batch_size", "eval_every", "max_examples",
+             "rounds", "clip", "delta")
+    message = re.sub(r"(?<![-\w])(" + "|".join(names) + r")\b", lambda m: _flag(m.group(1)), message)
     return (message.replace("the learning rate", "--lr").replace("the number of clients", "--clients")
             .replace("the Dirichlet concentration", "--dirichlet-alpha"))
 
@@ -343,6 +344,11 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as e:
             raise JobError(str(e)) from None
         data.split_sizes  # noqa: B018 - draws the partition now: its errors are usage errors
+    if models.is_keras(model.name):
+        try:
+            program.keras_function(model.name)  # the user's module: import errors are usage errors
+        except ValueError as e:
+            raise JobError(f"--model {e}") from None
     resume = None
     if ckpt is not None:
         resume = resume_point(ckpt, model, data, cfg, checkpoint.path_in(Path(args.resume)))

@@ -278,8 +278,9 @@ class Training:
 def learning_model(spec: models.ModelSpec, seed: int) -> Any:
     """The `mpx.learning` Model for `spec`: logreg, mlp (the same weights as `models`), or a Keras model.
 
-    A Keras model ("MODULE:FUNCTION") is built by calling FUNCTION() after seeding Keras with
-    `seed` (so its initial weights are reproducible); its outputs must be logits.
+    A Keras model ("MODULE:FUNCTION") is built by calling FUNCTION() in a fresh Keras session
+    seeded with `seed` (so its weights' names and initial values are reproducible); its outputs
+    must be logits.
     """
     # mpx.learning imports TensorFlow: only once a run really starts (the CLI stays light).
     from mp_executors import learning  # noqa: PLC0415
@@ -289,16 +290,27 @@ def learning_model(spec: models.ModelSpec, seed: int) -> Any:
         return learning.logreg(spec.num_features, spec.num_classes, seed)
     if spec.name == "mlp":
         return learning.mlp(spec.num_features, spec.num_classes, spec.hidden, seed)
-    module_name, _, function_name = spec.name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"model {spec.name}: cannot import {function_name!r} from {module_name!r} ({e}).") from None
+    fn = keras_function(spec.name)
+    # Keras numbers its layers per process (dense, dense_1, ...): a fresh session gives the weights
+    # the same names in every run (they key model.npz and the checkpoint, and enter the model digest).
+    tf.keras.backend.clear_session()
     tf.keras.utils.set_random_seed(seed)
     return learning.from_keras_model(
         fn, loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         input_spec=(tf.TensorSpec([None, spec.num_features], tf.float32), tf.TensorSpec([None], tf.int32)),
         metrics=["accuracy"])
+
+
+def keras_function(name: str) -> Callable[[], Any]:
+    """FUNCTION of "MODULE:FUNCTION" (imported); ValueError saying what failed."""
+    module_name, _, function_name = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"model {name}: cannot import {function_name!r} from {module_name!r} ({e}).") from None
+    if not callable(fn):
+        raise ValueError(f"model {name}: {function_name!r} is not a function (it must return a Keras model).")
+    return fn
 
 
 def build_training(model: models.ModelSpec, data: datasets.DatasetSpec, cfg: FedAvgConfig) -> Training:
