@@ -15,6 +15,7 @@ import functools
 import os
 import time
 
+import loky.process_executor
 import numpy as np
 import psutil
 import pytest
@@ -211,6 +212,11 @@ def worker_environment() -> dict[str, str]:
     return dict(os.environ)
 
 
+def loky_memory_leak_limit() -> int:
+    """Worker-side helper: the RSS growth after which loky silently replaces this worker."""
+    return loky.process_executor._MAX_MEMORY_LEAK_SIZE
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="thread names are read from procfs")
 def test_forked_workers_apply_their_own_slot_settings(monkeypatch):
     """Thread counts, CPUs and CUDA_VISIBLE_DEVICES reach each forked worker, not the server's.
@@ -238,6 +244,7 @@ def test_forked_workers_apply_their_own_slot_settings(monkeypatch):
         reports = pool.reports()
         names = [s.submit(tf_thread_names).result() for s in pool.slots]
         envs = [s.submit(worker_environment).result() for s in pool.slots]
+        leak_limits = [s.submit(loky_memory_leak_limit).result() for s in pool.slots]
     finally:
         pool.close()
     for report, slot, threads, env in zip(reports, slots, names, envs):
@@ -249,6 +256,9 @@ def test_forked_workers_apply_their_own_slot_settings(monkeypatch):
         assert env["TF_NUM_INTRAOP_THREADS"] == "1"
         assert env["MP_EXECUTORS_TEST_LATE_VARIABLE"] == "set after the fork server started"
     assert [r["cuda_visible_devices"] for r in reports] == ["", "3"]
+    # loky was imported by the fork server, before the slot's environment: a worker
+    # holding client data must still not be replaced for "leaking" memory.
+    assert all(limit >= 2**40 for limit in leak_limits), leak_limits
 
 
 def _gpu_factory_check(factory, expected_gpus):
