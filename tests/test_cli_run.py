@@ -253,3 +253,17 @@ def test_keras_model_from_module_function(tmp_path, capsys, monkeypatch):
     assert "Keras model from my_keras_models:small" in a["model"]
     assert a["metrics"]["final"]["train_loss"] < a["metrics"]["initial"]["train_loss"]
     assert len(np.load(out / "model.npz").files) == 4
+
+
+def test_a_population_far_larger_than_a_cohort(tmp_path, capsys):
+    # 100,000 clients, 100 a round: only the sampled clients and the evaluation sample (1,000) are
+    # ever built, in the workers; building everyone took ~10 GiB per worker.
+    out = tmp_path / "big"
+    assert cli.main(["run", "--clients", "100000", "--clients-per-round", "100", "--rounds", "3", "--workers", "2",
+                     "--no-plots", "-q", "--out", str(out)]) == 0
+    capsys.readouterr()
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["config"]["fedavg"]["eval_clients"] == 1000
+    assert [r["clients"] for r in doc["metrics"]["rounds"]] == [100, 100, 100]
+    assert len(doc["runtime"]["workers"]) == 2
+    assert doc["runtime"]["memory"]["peak_workers_rss"] < 2 * 1.5 * 2**30  # measured ~0.9 GiB for both

@@ -58,6 +58,8 @@ import mp_executors as mpx
 DATASETS = ("synthetic", "digits")  # and a PATH.npz (name "npz"; see open_npz)
 DIGITS_PARTITIONS = ("dirichlet", "shards", "iid")
 SYNTHETIC_MAX_EXAMPLES = 250
+#: Synthetic clients memoized per process (LRU): ~60 KB each at the default size, ~250 MB.
+SYNTHETIC_CACHE_CLIENTS = 4096
 #: Arrays a user's npz must hold.
 NPZ_ARRAYS = ("x", "y", "client_ids")
 SYNTHETIC_FEATURES, NUM_CLASSES = 60, 10
@@ -232,11 +234,12 @@ def _pack(client_id: int, x: np.ndarray, y: np.ndarray, train_size: int, test_si
     }
 
 
-@functools.cache
+@functools.lru_cache(maxsize=SYNTHETIC_CACHE_CLIENTS)
 def _synthetic_client(seed: int, alpha: float, beta: float, max_examples: int, client_id: int) -> dict:
-    # Unbounded on purpose: each client is generated at most once per process, so memory is
-    # bounded by the clients this process ever holds (and the runtime's ClientData cache
-    # keeps references to these very arrays, not copies).
+    # Bounded: with a population far larger than a cohort (1,000,000 clients, 100 a round), a
+    # long run samples ever new clients, and an unbounded memo would grow by a cohort every
+    # round. The evaluation sample and recent cohorts stay (the runtime's ClientData cache keeps
+    # references to these very arrays, not copies); an evicted client is regenerated, the same.
     rng = np.random.default_rng([seed, client_id])
     d, k = SYNTHETIC_FEATURES, NUM_CLASSES
     n = min(int(rng.lognormal(4, 2)) + 50, max_examples)
