@@ -32,7 +32,7 @@ def test_run_writes_its_outputs_and_a_summary(tmp_path, capsys):
     stdout = capsys.readouterr().out
     # Not a terminal: one plain line per round, then the table.
     assert "round 1/2" in stdout and "round 2/2" in stdout
-    for row in ("final test accuracy", "round time, mean / median", "peak memory (RSS)", "executor"):
+    for row in ("final test accuracy", "round time, mean / median", "peak memory (RSS, whole run)", "total (since process start)", "executor"):
         assert row in stdout
     assert set(doc) == {"config", "dataset", "model", "metrics", "timing", "runtime"}
     assert doc["config"]["fedavg"]["rounds"] == 2 and doc["config"]["dataset"]["num_clients"] == 24

@@ -389,6 +389,7 @@ def run(args: argparse.Namespace) -> int:
         last_checkpoint[0] = done
 
     interrupted = None
+    memory.start()
     try:
         with factory:
             try:
@@ -401,6 +402,7 @@ def run(args: argparse.Namespace) -> int:
             memory.sample()
             runtime = runtime_info(args, factory)
     finally:
+        memory.stop()
         progress.close()
         if handler is not None:
             logger.removeHandler(handler)
