@@ -1,15 +1,19 @@
 """`mp-executors run`: the main job, FedAvg on a federated dataset over a chosen runtime.
 
     mp-executors run [--dataset synthetic|digits|PATH.npz] [--clients N] [--clients-per-round K]
-                     [--rounds R] [--model logreg|mlp] [--local-steps S | --local-epochs E]
-                     [--batch-size B] [--lr LR] [--seed S] [--executor mp|local|ray]
-                     [--workers auto|N] [--memory-per-worker SIZE] [--oversubscribe] [--out DIR] ...
+                     [--rounds R] [--model logreg|mlp|MODULE:FUNCTION] [--local-steps S | --local-epochs E]
+                     [--batch-size B] [--lr LR] [--server-optimizer sgd|sgdm|adam|yogi|adagrad]
+                     [--server-lr LR] [--clip C] [--noise-multiplier Z] [--adaptive-clip]
+                     [--eval-clients K|all] [--seed S] [--executor mp|local|ray] [--workers auto|N]
+                     [--out DIR] [--checkpoint-every N] [--resume DIR] ...
 
-It builds the factory the flags ask for, runs `program.run_fedavg` with a progress display,
-writes the outputs (`outputs.write_outputs`) and prints the summary table. The argument
+It builds the factory the flags ask for, runs `program.run_fedavg` with a progress display and
+a checkpoint (`checkpoint.save`) every `--checkpoint-every` rounds, writes the outputs
+(`outputs.write_outputs`) and prints the summary table. `--resume DIR` restores the flags that
+decide the numbers from DIR's checkpoint (refusing any that contradict it) and continues.
+Ctrl-C writes the finished rounds' outputs and ends with one line, exit code 130. The argument
 definitions live here too, so `cli.py` only registers the subcommand.
 """
-
 from __future__ import annotations
 
 import argparse

@@ -1,24 +1,29 @@
-"""The FedAvg (optionally FedProx) program: its federated computations and the round loop.
+"""The main job's program: FedAvg and friends on `mpx.learning`, the round loop, checkpoints' contents.
 
-Everything numeric happens inside `tf_computation`s and federated intrinsics, and client
-sampling is drawn in the parent from a seeded numpy Generator, so a run gives bitwise the
-same metrics and final model on `local`, on `mp` with any number of workers (the runtime
-reduces in a fixed order), and run after run.
+`run_fedavg` is what `mp-executors run` runs. It builds, from a `ModelSpec`, a `DatasetSpec`
+and a `FedAvgConfig` (`build_training`):
 
-One round (`train_round`):
+- the model: `learning.logreg` / `learning.mlp`, or a user's Keras model ("MODULE:FUNCTION",
+  `learning.from_keras_model`, built in a fresh Keras session seeded with the run's seed);
+- the process: `learning.fed_avg` with client SGD at `learning_rate`, the server optimizer
+  (`server_optimizer`, `server_lr`), `local_steps | local_epochs`, FedProx's `mu`, and DP-FedAvg
+  (`learning.dp`) when `clip`, `noise_multiplier` or `adaptive_clip` is set;
+- the evaluations: `learning.evaluate` on the train and on the test split of a fixed seeded
+  sample of `eval_clients` clients (`eval_ids`; None: everyone).
 
-    server params, round seed ──broadcast──► sampled clients (a ClientData over their ids)
-        each client: `local_steps` minibatch SGD steps (or `local_epochs` passes) over its own
-        (masked) training examples, reshuffled every pass by a stateless RNG keyed by
-        (round seed, client id),
-        with an optional FedProx proximal term mu/2 |w - w_server|^2
-    new params = federated_mean(client params, weight = client's training examples)
-    local loss = federated_sum(minibatch loss sums) / federated_sum(examples visited)
+Each round: the cohort (`sample_schedule`: drawn in the parent from Generators seeded by the
+seed, a pure function of (seed, round)) becomes a ClientData over its ids (built in the
+workers), `process.next(state, cohort)`, and every `eval_every` rounds the evaluation. Every
+other random number is keyed by (seed, round[, client]) inside the process, so the state after
+round k (model, server-optimizer state, round, DP clip) plus the metrics so far is all a resume
+needs (`Resume`, `on_checkpoint`), and a run is bitwise the same on `local`, on `mp` with any
+number of workers, run after run, interrupted and resumed or not. Ctrl-C raises `Interrupted`
+with the finished rounds.
 
-`evaluate` runs the global model over every client's train and test split and sums
-(loss, correct, count) with `federated_sum`; the ratios are the reported metrics.
+`build_computations` is the hand-written FedAvg round this job ran before `mpx.learning`
+(plain TensorFlow, `models.masked_sums`); the benchmark suite and the vectorization tests still
+measure it as "the main job's workload".
 """
-
 from __future__ import annotations
 
 import hashlib
