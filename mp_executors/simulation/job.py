@@ -361,6 +361,11 @@ def run(args: argparse.Namespace) -> int:
                            "nothing to resume.")
     label = data.name if data.name != "npz" else Path(data.path).stem
     out_dir = Path(args.out) if args.out else outputs.default_out_dir(label)
+    # The first line, before anything imports TensorFlow (a factory does: seconds).
+    if not args.quiet:
+        where = f"; resuming after round {len(resume.result.rounds)}" if resume is not None else ""
+        print(f"FedAvg: {data.describe()}; {model.describe()}; {cfg.rounds} rounds of "
+              f"{cfg.clients_per_round or data.num_clients} clients; executor {args.executor}{where}", flush=True)
     factory = make_factory(args)
     # The pool's start and re-plan lines, for the duration of the job only (added after
     # every usage check, so that an error cannot leave the handler behind).
@@ -373,10 +378,6 @@ def run(args: argparse.Namespace) -> int:
         logger.setLevel(logging.INFO)
     started = time.time()
     memory = outputs.MemorySampler(factory)
-    if not args.quiet:
-        where = f"; resuming after round {len(resume.result.rounds)}" if resume is not None else ""
-        print(f"FedAvg: {data.describe()}; {model.describe()}; {cfg.rounds} rounds of "
-              f"{cfg.clients_per_round or data.num_clients} clients; executor {args.executor}{where}", flush=True)
     progress = outputs.Progress(cfg.rounds, quiet=args.quiet)
     saved_flags, config = result_flags(args), program.config_dict(model, data, cfg)
     last_checkpoint = [len(resume.result.rounds) if resume is not None else -1]
