@@ -192,3 +192,53 @@ def test_local_steps_are_the_same_for_every_client():
         _, _, seen = comps.train_round(params, np.int32(5), datasets.client_data(data))
     assert float(seen) == 6 * 3 * 4
     assert res.rounds[0].metrics["local_loss"] > 0
+
+
+def test_eval_sample_is_fixed_seeded_and_sorted():
+    cfg = program.FedAvgConfig(eval_clients=50, seed=4)
+    a, b = program.eval_ids(100_000, cfg), program.eval_ids(100_000, cfg)
+    assert a == b and a == sorted(set(a)) and len(a) == 50 and max(a) < 100_000
+    assert program.eval_ids(100_000, program.FedAvgConfig(eval_clients=50, seed=5)) != a
+    assert program.eval_ids(50, cfg) is None and program.eval_ids(10, program.FedAvgConfig()) is None  # everyone
+
+
+def test_fedavg_config_checks_the_new_settings():
+    with pytest.raises(ValueError, match="unknown server_optimizer 'lamb'"):
+        program.FedAvgConfig(server_optimizer="lamb")
+    with pytest.raises(ValueError, match="noise_multiplier needs a clip"):
+        program.FedAvgConfig(noise_multiplier=1.0)
+    assert program.FedAvgConfig(noise_multiplier=1.0, adaptive_clip=True).private
+    assert program.FedAvgConfig(clip=1.0).private and not program.FedAvgConfig().private
+    with pytest.raises(ValueError, match="eval_clients must be at least 1"):
+        program.FedAvgConfig(eval_clients=0)
+
+
+def test_checkpoint_state_round_trips_with_any_weight_names(tmp_path):
+    from mp_executors.simulation import checkpoint
+
+    state = {"model": {"sequential/dense/kernel": np.arange(6, dtype=np.float32).reshape(2, 3),
+                       "sequential/dense/bias": np.zeros(3, np.float32)},
+             "optimizer": {"step": np.int32(3), "m": {"sequential/dense/kernel": np.ones((2, 3), np.float32)}},
+             "round": np.int32(3)}
+    checkpoint.save(tmp_path, state, {"round": 3, "note": "x"})
+    loaded = checkpoint.load(tmp_path)
+    assert loaded.round == 3 and loaded.meta["note"] == "x"
+    flat_in, flat_out = checkpoint.flatten(state), checkpoint.flatten(loaded.state)
+    assert flat_in.keys() == flat_out.keys()
+    for k in flat_in:
+        assert flat_in[k].dtype == flat_out[k].dtype and np.array_equal(flat_in[k], flat_out[k])
+    assert not (tmp_path / "checkpoint.npz.tmp").exists()
+
+
+def test_learning_program_is_the_same_on_local_and_two_workers():
+    data = datasets.DatasetSpec("synthetic", 20, seed=1, max_examples=40)
+    model = models.ModelSpec("mlp", data.num_features, data.num_classes, hidden=8)
+    cfg = program.FedAvgConfig(rounds=2, clients_per_round=12, local_steps=2, server_optimizer="sgdm",
+                               clip=0.5, noise_multiplier=0.2, eval_clients=9)
+    results = {}
+    for name, factory in (("local", mpx.local_executor_factory()), ("mp-2", mpx.mp_executor_factory(num_workers=2))):
+        with factory:
+            results[name] = program.run_fedavg(model, data, cfg, factory)
+    a, b = results["local"], results["mp-2"]
+    assert a.model_digest() == b.model_digest()
+    assert [r.metrics for r in a.rounds] == [r.metrics for r in b.rounds]
