@@ -267,3 +267,20 @@ def test_a_population_far_larger_than_a_cohort(tmp_path, capsys):
     assert [r["clients"] for r in doc["metrics"]["rounds"]] == [100, 100, 100]
     assert len(doc["runtime"]["workers"]) == 2
     assert doc["runtime"]["memory"]["peak_workers_rss"] < 2 * 1.5 * 2**30  # measured ~0.9 GiB for both
+
+
+def test_tensorboard_scalars_are_the_metrics(tmp_path, capsys):
+    from mp_executors._tf import tf
+
+    doc, _ = run_job(tmp_path, "run", "--executor", "local", "--tensorboard", str(tmp_path / "tb"))
+    capsys.readouterr()
+    seen: dict[tuple[str, int], float] = {}
+    for path in (tmp_path / "tb").iterdir():
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for v in event.summary.value:
+                seen[(v.tag, event.step)] = float(tf.make_ndarray(v.tensor))
+    assert seen[("test_accuracy", 0)] == np.float32(doc["metrics"]["initial"]["test_accuracy"])
+    for r in doc["metrics"]["rounds"]:
+        for key in ("local_loss", "train_loss", "test_accuracy"):
+            assert seen[(key, r["round"])] == np.float32(r[key])
+    assert ("train_s", 1) in seen and ("eval_s", 2) in seen

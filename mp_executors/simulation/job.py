@@ -145,6 +145,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run whose outputs are in DIR from its checkpoint, with its settings "
                    "(runtime flags such as --executor/--workers may change; others must match or be left out)")
+    o.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write the per-round metrics as TensorBoard scalars to DIR")
     o.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
     o.add_argument("-q", "--quiet", action="store_true", help="no per-round lines and no pool log lines")
 
@@ -152,7 +154,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 #: Flags that do not change a run's numbers: free to differ when resuming. Every other flag does.
 RUNTIME_FLAGS = frozenset({
     "executor", "workers", "threads_per_worker", "memory_per_worker", "oversubscribe", "devices", "out",
-    "no_plots", "quiet", "resume", "checkpoint_every", "command", "_handler",
+    "no_plots", "quiet", "resume", "checkpoint_every", "tensorboard", "command", "_handler",
 })
 
 
@@ -382,11 +384,26 @@ def run(args: argparse.Namespace) -> int:
     saved_flags, config = result_flags(args), program.config_dict(model, data, cfg)
     last_checkpoint = [len(resume.result.rounds) if resume is not None else -1]
 
+    board = None
+
+    def on_start():
+        nonlocal board
+        if args.tensorboard is not None:
+            board = outputs.TensorBoardScalars(Path(args.tensorboard))
+            if resume is None:
+                board.write(0, result_so_far[0].initial if result_so_far[0] else {})
+        progress.start()
+
+    result_so_far: list[Any] = [None]
+
     def on_round(record):
         memory.sample()
         progress(record)
+        if board is not None:
+            board.write(record.round, record.metrics, {"train_s": record.train_s, "eval_s": record.eval_s})
 
     def on_checkpoint(result, state):
+        result_so_far[0] = result
         done = len(result.rounds)
         checkpoint.save(out_dir, state, {"round": done, "rounds": cfg.rounds, "args": saved_flags,
                                          "config": config, "result": program.result_to_json(result),
@@ -398,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with factory:
             try:
-                result = program.run_fedavg(model, data, cfg, factory, on_round=on_round, on_start=progress.start,
+                result = program.run_fedavg(model, data, cfg, factory, on_round=on_round, on_start=on_start,
                                             resume=resume, on_checkpoint=on_checkpoint,
                                             checkpoint_every=args.checkpoint_every)
             except program.Interrupted as e:
@@ -407,6 +424,8 @@ def run(args: argparse.Namespace) -> int:
             memory.sample()
             runtime = runtime_info(args, factory)
     finally:
+        if board is not None:
+            board.close()
         memory.stop()
         progress.close()
         if handler is not None:

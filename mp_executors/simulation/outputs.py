@@ -159,6 +159,39 @@ class Progress:
             self.bar.close()
 
 
+# --------------------------------------------------------------------------- TensorBoard
+
+
+class TensorBoardScalars:
+    """`--tensorboard DIR`: the metrics of metrics.csv as TensorBoard scalars, one step per round.
+
+    Tags are the metric names (local_loss, train_loss, ..., clip), plus train_s and eval_s; round 0
+    (the initial model) is step 0. A resumed run appends a new events file to the same folder.
+    """
+
+    def __init__(self, log_dir: Path):
+        from mp_executors._tf import tf  # noqa: PLC0415 - only with --tensorboard, once TF is in
+
+        self._tf = tf
+        self._writer = tf.summary.create_file_writer(str(log_dir))
+        # `tf.summary.scalar` needs the tensorboard package; `tf.summary.write` with the scalars
+        # plugin's metadata (what `scalar` writes) needs nothing but TensorFlow.
+        self._metadata = tf.compat.v1.SummaryMetadata(
+            plugin_data=tf.compat.v1.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+    def write(self, step: int, metrics: dict[str, float], times: dict[str, float | None] | None = None) -> None:
+        values = {**metrics, **{k: v for k, v in (times or {}).items() if v is not None}}
+        with self._writer.as_default():
+            for tag, value in values.items():
+                if value is not None and np.isfinite(value):
+                    self._tf.summary.write(tag, self._tf.constant(float(value), self._tf.float32), step=step,
+                                           metadata=self._metadata)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 # --------------------------------------------------------------------------- results
 
 
