@@ -114,6 +114,8 @@ def test_ray_executor_without_ray_installed_is_a_one_line_error(tmp_path, capsys
     (["--server-optimizer", "lamb"], "invalid choice: 'lamb'"),
     (["--server-lr", "0"], "--server-lr must be > 0"),
     (["--clip", "-1"], "--clip must be > 0"),
+    (["--clients", "50", "--clients-per-round", "10", "--noise-multiplier", "1", "--adaptive-clip"],
+     "or --clients-per-round"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert cli.main(["run", *args, "--out", str(tmp_path / "x")]) == 2

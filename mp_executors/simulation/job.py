@@ -368,6 +368,12 @@ def run(args: argparse.Namespace) -> int:
         where = f"; resuming after round {len(resume.result.rounds)}" if resume is not None else ""
         print(f"FedAvg: {data.describe()}; {model.describe()}; {cfg.rounds} rounds of "
               f"{cfg.clients_per_round or data.num_clients} clients; executor {args.executor}{where}", flush=True)
+    try:
+        # The model, the process and the DP aggregator check their settings here (a Keras model
+        # that does not take the data, a DP noise the cohort cannot carry): usage errors.
+        training = program.build_training(model, data, cfg)
+    except (ValueError, TypeError) as e:
+        raise JobError(_flag_names(str(e))) from None
     factory = make_factory(args)
     # The pool's start and re-plan lines, for the duration of the job only (added after
     # every usage check, so that an error cannot leave the handler behind).
@@ -416,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
         with factory:
             try:
                 result = program.run_fedavg(model, data, cfg, factory, on_round=on_round, on_start=on_start,
-                                            resume=resume, on_checkpoint=on_checkpoint,
+                                            resume=resume, on_checkpoint=on_checkpoint, training=training,
                                             checkpoint_every=args.checkpoint_every)
             except program.Interrupted as e:
                 interrupted = e.result

@@ -364,15 +364,19 @@ def run_fedavg(
     resume: Resume | None = None,
     on_checkpoint: Callable[[RunResult, dict[str, Any]], None] | None = None,
     checkpoint_every: int = 1,
+    training: Training | None = None,
 ) -> RunResult:
     """Runs `cfg.rounds` rounds of FedAvg (`mpx.learning.fed_avg`) on `factory` (from `resume` if given).
+
+    `training`: what `build_training(model, data, cfg)` returns (built here if not given).
 
     Calls `on_start()` once the pool is up and the initial model evaluated, `on_round(record)`
     after each round, and `on_checkpoint(result, state)` after round 0 and every
     `checkpoint_every` rounds (and the last): the process `state` (numpy) and `result` are all
     a `Resume` needs. Ctrl-C raises `Interrupted` carrying the result of the finished rounds.
     """
-    training = build_training(model, data, cfg)
+    if training is None:
+        training = build_training(model, data, cfg)
     ids = eval_ids(data.num_clients, cfg)
     # One ClientData over the evaluated clients, reused: the workers build them once and keep them.
     evaluated = datasets.client_data(data, ids)
