@@ -29,6 +29,7 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 
 import mp_executors as mpx  # noqa: E402
+from mp_executors.core import context_stack  # noqa: E402
 
 # name -> constructor taking the keyword arguments of `local_executor_factory`
 # (default_num_clients, max_fanout, server_device, client_devices).
@@ -62,6 +63,21 @@ def _ray_factory(**kwargs):
 
 if importlib.util.find_spec("ray") is not None:
     FACTORY_BUILDERS["ray-2"] = _ray_factory
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_context():
+    """Each test leaves the process default as it found it.
+
+    A test that sets a default (often to a session factory that is closed later)
+    must not leave later tests calling into it; a default the library made for
+    the test (`set_local_execution_context()`, ...) is closed here.
+    """
+    previous = context_stack.default()
+    yield
+    current = context_stack.set_default(previous)
+    if current is not None and current is not previous and getattr(current, "owns_factory", False):
+        current.close()
 
 
 @pytest.fixture(scope="session")
