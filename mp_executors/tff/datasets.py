@@ -36,6 +36,7 @@ from typing import Any
 
 from mp_executors._tf import tf
 from mp_executors.core.client_data import ClientData
+from mp_executors.workers import transport
 
 
 class SerializedDataset:
@@ -113,15 +114,7 @@ def serialize(dataset: Any, client: int) -> SerializedDataset:
         found = _serialized.get(dataset)
     if found is not None:
         return found
-    try:
-        # external_state_policy=2 (FAIL): refuse what cannot be rebuilt elsewhere.
-        graph = tf.raw_ops.DatasetToGraphV2(input_dataset=dataset._variant_tensor, external_state_policy=2).numpy()
-    except Exception as e:  # noqa: BLE001 - TensorFlow reports this in several ways
-        raise TypeError(
-            f"client {client}'s dataset cannot be sent to a worker process: it depends on Python state in "
-            f"this process (from_generator, py_function, ...): {type(e).__name__}. Build it from tensors "
-            "(e.g. from_tensor_slices), or use mpx.local_executor_factory()."
-        ) from None
+    graph = transport.portable_dataset_graph(dataset, client)
     found = SerializedDataset(graph, hashlib.sha256(graph).hexdigest())
     with _serialized_lock:
         _serialized[dataset] = found

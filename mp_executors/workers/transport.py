@@ -218,6 +218,7 @@ class AttachedSegments:
 
 def encode_columns(member_type: Any, reps: list[Any], segments: Segments, first_client: int = 0) -> list[tuple[str, Any]]:
     """Per-client reps -> columns ready to send: ('batched', array|SharedArray) or ('per_client', list)."""
+    from mp_executors.core import tensorflow_computation as tfc  # noqa: PLC0415
     from mp_executors.core import types as t  # noqa: PLC0415
     from mp_executors.executors.client_shard import leaves_by_column  # noqa: PLC0415
 
@@ -226,31 +227,30 @@ def encode_columns(member_type: Any, reps: list[Any], segments: Segments, first_
         if stacks:
             columns.append(("batched", segments.stack(items, lt.dtype)))
         elif isinstance(lt, t.SequenceType):
-            graphs = []
-            for i, ds in enumerate(items):
-                try:
-                    graphs.append(dataset_to_graph(ds, lt))
-                except Exception as e:  # noqa: BLE001 - TF says why in many ways
-                    raise TypeError(
-                        f"client {first_client + i}'s dataset cannot be sent to a worker process: it depends on "
-                        f"Python state in this process (from_generator, py_function, ...): {type(e).__name__}. "
-                        "Build it from tensors (from_tensor_slices), or in the workers with mpx.ClientData."
-                    ) from None
+            graphs = [portable_dataset_graph(tfc.as_dataset(ds, lt), first_client + i) for i, ds in enumerate(items)]
             columns.append(("datasets", (lt, graphs)))
         else:
             columns.append(("per_client", items))
     return columns
 
 
-def dataset_to_graph(dataset: Any, sequence_type: Any) -> bytes:
-    """A dataset as its serialized graph: it pickles, and rebuilds anywhere."""
-    from mp_executors._tf import tf  # noqa: PLC0415
-    from mp_executors.core import tensorflow_computation as tfc  # noqa: PLC0415
+def portable_dataset_graph(dataset: Any, client: int) -> bytes:
+    """A dataset as its serialized graph (it pickles, and rebuilds in any process).
 
-    dataset = tfc.as_dataset(dataset, sequence_type)
-    # external_state_policy=2 (FAIL): a dataset that needs this process's Python
-    # (from_generator, py_function) cannot be rebuilt elsewhere; refuse it here.
-    graph = tf.raw_ops.DatasetToGraphV2(input_dataset=dataset._variant_tensor, external_state_policy=2)
+    A dataset that needs this process's Python (from_generator, py_function)
+    cannot be rebuilt elsewhere: TypeError naming the client, before any work
+    is sent (external_state_policy=2 is FAIL).
+    """
+    from mp_executors._tf import tf  # noqa: PLC0415
+
+    try:
+        graph = tf.raw_ops.DatasetToGraphV2(input_dataset=dataset._variant_tensor, external_state_policy=2)
+    except Exception as e:  # noqa: BLE001 - TensorFlow reports this in several ways
+        raise TypeError(
+            f"client {client}'s dataset cannot be sent to a worker process: it depends on Python state in "
+            f"this process (from_generator, py_function, ...): {type(e).__name__}. Build it from tensors "
+            "(from_tensor_slices), in the workers with mpx.ClientData, or run on mpx.local_executor_factory()."
+        ) from None
     return graph.numpy()
 
 
