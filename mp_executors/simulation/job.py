@@ -39,17 +39,23 @@ class JobError(Exception):
     """A bad combination of flags: one line on stderr, exit code 2."""
 
 
-def _workers(value: str) -> int | None:
-    """--workers: 'auto' (None: sized from the clients and the machine) or a positive integer."""
-    if value.strip().lower() == "auto":
-        return None
+def _word_or_count(value: str, word: str, expected: str) -> int | str:
+    """A flag that takes a keyword (`word`) or a positive integer."""
+    if value.strip().lower() == word:
+        return word
     try:
         n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of workers, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
     if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or at least 1, got {n}")
+        raise argparse.ArgumentTypeError(f"must be '{word}' or at least 1, got {n}")
     return n
+
+
+def _workers(value: str) -> int | None:
+    """--workers: 'auto' (None: sized from the clients and the machine) or a positive integer."""
+    n = _word_or_count(value, "auto", "'auto' or a number of workers")
+    return None if n == "auto" else n
 
 
 def _model(value: str) -> str:
@@ -59,15 +65,8 @@ def _model(value: str) -> str:
 
 
 def _eval_clients(value: str) -> int | str:
-    if value.strip().lower() == "all":
-        return "all"
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of clients or 'all', got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 'all' or at least 1, got {n}")
-    return n
+    """--eval-clients: 'all' or a positive number of clients."""
+    return _word_or_count(value, "all", "a number of clients or 'all'")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
