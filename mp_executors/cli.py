@@ -175,11 +175,22 @@ def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    "ray is installed (a note says so when it is not); off: skip it (default: auto)")
     p.add_argument("--peer-venv", default=None, metavar="DIR",
                    help="the TFF venv (default: $MP_EXECUTORS_TFF_VENV or ~/.cache/mp_executors/tff-venv)")
+    p.add_argument("--flower", choices=("auto", "off"), default="auto",
+                   help="auto: also measure Flower's simulation engine on FedAvg at 100 and 1,000 clients if its "
+                   "venv exists (a note says so when not; bash benchmarks/peers/setup_flower_venv.sh); "
+                   "off: skip it (default: auto)")
+    p.add_argument("--flower-venv", default=None, metavar="DIR",
+                   help="the Flower venv (default: $MP_EXECUTORS_FLOWER_VENV or ~/.cache/mp_executors/flower-venv)")
 
 
 def _bench(args: argparse.Namespace) -> int:
     if args.rounds is not None and args.rounds < 2:
         raise UsageError(f"{PROG} bench: error: --rounds must be at least 2 (the first is warm-up), got {args.rounds}")
+    if args.flower_venv and args.flower != "off" and not (Path(args.flower_venv) / "bin" / "python").exists():
+        # An explicit venv that is not one would only become a note at the end of a long run.
+        raise UsageError(f"{PROG} bench: error: --flower-venv {args.flower_venv} is not a virtual environment "
+                         "(no bin/python); create it with bash benchmarks/peers/setup_flower_venv.sh "
+                         f"{args.flower_venv}, or use --flower off")
     # Imports TensorFlow (the workloads are traced at import): only once the flags are good.
     from mp_executors.benchmarking import suite  # noqa: PLC0415
 
@@ -187,7 +198,8 @@ def _bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     doc = suite.run_suite(out, quick=args.quick, rounds=args.rounds, peer=args.peer,
                           peer_venv=Path(args.peer_venv) if args.peer_venv else None, command=command,
-                          log=lambda line: print(line, flush=True), ray=args.ray)
+                          log=lambda line: print(line, flush=True), ray=args.ray, flower=args.flower,
+                          flower_venv=Path(args.flower_venv) if args.flower_venv else None)
     print()
     print((out / "bench.md").read_text())
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'} and plots in {doc['duration_s']:.0f} s")

@@ -1,6 +1,7 @@
 """The scaling suite behind `mp-executors bench` (JSON + PNG plots + markdown tables).
 
     mp-executors bench [--quick] [--out DIR] [--rounds R] [--peer auto|off] [--peer-venv DIR]
+                       [--flower auto|off] [--flower-venv DIR]
 
 Workloads (`workloads.py`, FACTS.md "the peer"):
 
@@ -18,6 +19,9 @@ Workloads (`workloads.py`, FACTS.md "the peer"):
   available memory is skipped with a note instead of being killed.
     tff          the peer, TFF 0.87's C++ runtime, data passed (only if its venv exists; not
                  at 10,000 clients: it needs ~3.5 GB per 1,000 clients there)
+    flower       the second peer, Flower's simulation engine (Ray), a numpy client keeping its
+                 data in its actor, at 100 and 1,000 clients, 4 rounds (only if its venv exists,
+                 `flower_peer.py`; a note says so when not; `--flower off` skips it)
 - **overhead**: `federated_sum` of one float32 per client, 10 .. 10,000 clients, on local,
   mp, ray (two smallest counts) and tff (the per-client cost of the runtime itself).
 - **main**: one training round of the main job (`mp-executors run`'s FedAvg program, built as
@@ -74,11 +78,11 @@ import psutil
 
 import mp_executors as mpx
 from mp_executors._tf import tf  # the quiet import (TensorFlow's start-up lines silenced)
-from mp_executors.benchmarking import coldstart
+from mp_executors.benchmarking import coldstart, flower_peer
 from mp_executors.benchmarking import workloads as W
 from mp_executors.simulation import datasets, job, models, program
 
-FEDAVG_RUNTIMES = ("floor", "local", "mp", "mp-resident", "ray", "tff")
+FEDAVG_RUNTIMES = ("floor", "local", "mp", "mp-resident", "ray", "tff", "flower")
 OVERHEAD_RUNTIMES = ("local", "mp", "ray", "tff")
 MAIN_RUNTIMES = ("local", "mp", "ray")
 SMALL_RUNTIMES = ("floor", "local", "mp")
@@ -472,6 +476,7 @@ def ratios(rows: list[dict]) -> list[dict]:
         ns = sorted({r["clients"] for r in rows if r["workload"] == workload})
         for n in ns:
             peer = _median(rows, workload, "tff", n)
+            flower = _median(rows, workload, flower_peer.RUNTIME, n)
             floor = _median(rows, workload, "floor", n)
             for ours in ours_list:
                 m = _median(rows, workload, ours, n)
@@ -479,6 +484,9 @@ def ratios(rows: list[dict]) -> list[dict]:
                     continue
                 if peer:
                     out.append({"workload": workload, "clients": n, "ours": ours, "vs": "tff", "ratio": m / peer})
+                if flower:
+                    out.append({"workload": workload, "clients": n, "ours": ours, "vs": flower_peer.RUNTIME,
+                                "ratio": m / flower})
                 if floor:
                     out.append({"workload": workload, "clients": n, "ours": ours, "vs": "floor", "ratio": m / floor})
     return out
@@ -509,18 +517,19 @@ def markdown(doc: dict) -> str:
         labels = {"floor": "plain TF, one graph, 1 process (floor)", "local": "mp_executors local",
                   "mp": "mp_executors mp, data passed each round", "mp-resident": "mp_executors mp, data resident (ClientData)",
                   "ray": f"mp_executors ray ({RAY_WORKERS} actors), data passed",
-                  "tff": "TFF 0.87 native runtime (peer), data passed"}
+                  "tff": "TFF 0.87 native runtime (peer), data passed",
+                  "flower": "Flower simulation engine (Ray, 1 CPU per client actor), data kept in its actors"}
         for rt in FEDAVG_RUNTIMES:
             if any(r["workload"] == "fedavg" and r["runtime"] == rt for r in rows):
                 lines.append(f"| {labels[rt]} | " + " | ".join(_fmt_s(_median(rows, "fedavg", rt, n)) for n in fed_n) + " |")
         lines.append("")
-    mem = [r for r in rows if r["workload"] == "fedavg" and r["runtime"] in ("mp", "mp-resident", "tff")
+    mem = [r for r in rows if r["workload"] == "fedavg" and r["runtime"] in ("mp", "mp-resident", "tff", "flower")
            and (r.get("memory") or {}).get("workers_rss")]
     if mem:
         lines += ["**Peak worker memory during FedAvg** (RSS summed over the worker processes; the "
-                  "peer's is its C++ worker):", "",
+                  "peer's is its C++ worker, Flower's all of Ray's processes):", "",
                   *_table_head("runtime", fed_n)]
-        for rt in ("mp", "mp-resident", "tff"):
+        for rt in ("mp", "mp-resident", "tff", "flower"):
             cells = {r["clients"]: r["memory"]["workers_rss"] for r in mem if r["runtime"] == rt}
             if cells:
                 lines.append(f"| {rt} | " + " | ".join(
@@ -607,6 +616,7 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {key[0]}, {key[1]} | " + " | ".join(
                 f"{cells[n]:.2f}" if n in cells else "–" for n in ns) + " |")
         lines.append("")
+    lines += flower_peer.ratio_table(doc["ratios"])
     for note in doc.get("notes", []):
         lines.append(f"Note: {note}")
     return "\n".join(lines).rstrip() + "\n"
@@ -677,7 +687,8 @@ def machine() -> dict:
 
 def run_suite(out_dir: Path, quick: bool = False, rounds: int | None = None, peer: str = "auto",
               peer_venv: Path | None = None, command: str = "mp-executors bench",
-              log: Callable[[str], None] = print, ray: str = "auto") -> dict:
+              log: Callable[[str], None] = print, ray: str = "auto", flower: str = "auto",
+              flower_venv: Path | None = None) -> dict:
     """Runs the suite and writes bench.json, bench.md and the plots into `out_dir`."""
     cfg = suite_config(quick, rounds)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -704,6 +715,13 @@ def run_suite(out_dir: Path, quick: bool = False, rounds: int | None = None, pee
                              "(run from a source checkout)")
         else:
             suite.peer(venv, script, out_dir)
+    flower_versions = None
+    if flower != "off" and not quick:  # after our pool is closed: Flower gets the cores to itself
+        flower_rows, flower_versions, notes = flower_peer.measure(
+            flower_venv or flower_peer.DEFAULT_FLOWER_VENV, cfg.fedavg_clients, min(cfg.rounds, flower_peer.MAX_ROUNDS),
+            out_dir, log)
+        suite.rows += flower_rows
+        cfg.notes += notes
     for note in cfg.notes:
         log(note)
     doc = {
@@ -715,7 +733,7 @@ def run_suite(out_dir: Path, quick: bool = False, rounds: int | None = None, pee
                    "workers": cfg.workers, "workers_clients": cfg.workers_clients,
                    "coldstart_runs": cfg.coldstart_runs, "coldstart_clients": cfg.coldstart_clients},
         "rows": suite.rows, "ratios": ratios(suite.rows), "notes": cfg.notes,
-        "peer_versions": getattr(suite, "peer_versions", None),
+        "peer_versions": getattr(suite, "peer_versions", None), "flower_versions": flower_versions,
         "duration_s": time.perf_counter() - started,
     }
     (out_dir / "bench.json").write_text(json.dumps(doc, indent=2, default=float) + "\n")
