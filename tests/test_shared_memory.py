@@ -135,13 +135,15 @@ class Interrupt:
         self.armed = False
         self.fired = False
         self.caught = threading.Event()
+        self.task = None  # the task running the call (seen by `prepare`)
 
     def fire(self) -> None:
         if not self.armed:
             return
         self.armed, self.fired = False, True
         if self.how == "cancel":
-            asyncio.current_task().cancel()
+            # Requests leave from a loop callback (the slot's outbox), outside the call's task.
+            (asyncio.current_task() or self.task).cancel()
             return
         if threading.current_thread() is threading.main_thread():
             raise KeyboardInterrupt  # the call runs on this thread: Ctrl-C lands right here
@@ -160,13 +162,14 @@ def interrupt(monkeypatch, request):
 
     def prepare_then_maybe_interrupt(self, *args, **kwargs):
         out = prepare(self, *args, **kwargs)
+        hook.task = asyncio.current_task()
         if (hook.point == POINTS[0] and self.start == 0) or (hook.point == POINTS[1] and self.stop == NUM_CLIENTS):
             hook.fire()
         return out
 
     def submit_then_maybe_interrupt(self, fn, *args):
         out = submit(self, fn, *args)
-        if hook.point == POINTS[2] and fn.__name__ == "handle":
+        if hook.point == POINTS[2] and fn.__name__ == "handle_batch":
             hook.fire()
         return out
 

@@ -171,10 +171,11 @@ class FederatingExecutor(Executor):
         at once, and the parent spends one round-trip latency per call instead
         of one per intrinsic. Their outcome is collected by `_drain()` before
         any reply is read, and before any value is computed, so an error (or a
-        dead worker) is still reported, in order.
+        dead worker) is still reported, in order. A request whose reply is
+        awaited is sent before that drain too (it runs after them in the worker
+        anyway; if one of them failed, its own outcome is never read), so a
+        round's reduce travels with the map it reduces.
         """
-        if wait:
-            await self._drain()
         if not self._shards:
             raise ValueError(
                 "this computation has CLIENTS-placed values but the number of clients is 0; pass a "
@@ -210,6 +211,7 @@ class FederatingExecutor(Executor):
         if not wait:
             self._inflight.append(gathered)
             return None
+        await self._drain()
         return _first_error_or(await gathered)
 
     async def _drain(self) -> None:

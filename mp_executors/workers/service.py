@@ -83,6 +83,29 @@ class Worker:
             request = request.replace(columns=self.segments.decode_columns(request.columns))
         return shard.run(request)
 
+    def handle_batch(self, items: list[tuple], progress: tuple[str, int] | None = None) -> list[tuple[bool, Any]]:
+        """Runs the requests of one message in order; one outcome per request.
+
+        `items` are `handle`'s arguments, one tuple per request (the requests the
+        parent sent to this worker in one turn of its event loop: `pool.Outbox`).
+        Each runs whatever happened to the ones before it, as separate messages
+        would; an outcome is (True, reply) or (False, the exception as it travels
+        back, `transport.RemoteError`). `progress` is (the slot's progress cell,
+        this message's number), or None: (message, index of the request) is written
+        there before each request, so that if this process dies the parent can
+        tell during which (`transport.ProgressCell`).
+        """
+        cell = self.segments.progress(progress[0]) if progress else None
+        outcomes: list[tuple[bool, Any]] = []
+        for index, (shard_id, releases, request, new_functions) in enumerate(items):
+            if cell is not None:
+                cell.mark(progress[1], index)
+            try:
+                outcomes.append((True, self.handle(shard_id, releases, request, new_functions)))
+            except Exception as e:  # noqa: BLE001 - the parent re-raises it for this request only
+                outcomes.append((False, transport.RemoteError(e)))
+        return outcomes
+
     def report(self) -> dict[str, Any]:
         """Where and how this worker runs, and what it holds (tests, `mp-executors info`, logs)."""
         proc = psutil.Process()

@@ -17,6 +17,13 @@ Who owns what:
 - Worker side, `AttachedSegments` (owned by the worker process's
   `workers.worker.Worker`): the segments it has mapped, the most recent few
   kept mapped for the next request.
+- Progress: each slot's `SegmentPool` also owns one 16-byte cell
+  (`ProgressCell`) in which its worker notes which request of which message
+  it is running, so that when the worker dies the parent can say during
+  which request (`pool.Outbox`).
+- Errors: an exception a request raised in the worker travels back as a
+  `RemoteError` and arrives as the exception itself, its worker-side
+  traceback attached as `__cause__` (as loky does for a task's exception).
 - Functions: `strip_known_functions` replaces every compiled computation the
   worker already has by its digest; the caller records a digest as known only
   once the request carrying the function was actually submitted.
@@ -26,9 +33,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import secrets
+import struct
 import threading
+import traceback
 from collections import OrderedDict
+from concurrent.futures.process import _RemoteTraceback
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from typing import TYPE_CHECKING, Any
@@ -70,6 +81,7 @@ class SegmentPool:
     def __init__(self):
         self._free: list[shared_memory.SharedMemory] = []
         self._all: list[shared_memory.SharedMemory] = []
+        self._progress: tuple[shared_memory.SharedMemory, ProgressCell] | None = None
         self._lock = threading.Lock()
 
     def lease(self) -> Segments:
@@ -83,7 +95,15 @@ class SegmentPool:
 
     def names(self) -> list[str]:
         with self._lock:
-            return [s.name for s in self._all]
+            return [s.name for s in self._all] + ([self._progress[0].name] if self._progress else [])
+
+    def progress(self) -> tuple[str, ProgressCell]:
+        """The slot's progress cell (made on first use, kept until `close`): its name and the cell."""
+        with self._lock:
+            if self._progress is None:
+                segment = _create_segment(ProgressCell.LAYOUT.size)
+                self._progress = segment, ProgressCell(segment.buf)
+            return self._progress[0].name, self._progress[1]
 
     def _take(self, nbytes: int) -> shared_memory.SharedMemory:
         with self._lock:
@@ -104,17 +124,50 @@ class SegmentPool:
 
     def _drop(self, segment: shared_memory.SharedMemory) -> None:
         self._all.remove(segment)
-        segment.close()
-        try:
-            segment.unlink()
-        except FileNotFoundError:
-            pass
+        _close_and_unlink(segment)
 
     def close(self) -> None:
         with self._lock:
             for segment in list(self._all):
                 self._drop(segment)
             self._free = []
+            if self._progress is not None:
+                segment, cell = self._progress
+                self._progress = None
+                cell.release()
+                _close_and_unlink(segment)
+
+
+def _close_and_unlink(segment: shared_memory.SharedMemory) -> None:
+    segment.close()
+    try:
+        segment.unlink()
+    except FileNotFoundError:
+        pass
+
+
+class ProgressCell:
+    """Which request of which message a worker is running: two int64 in shared memory.
+
+    The worker writes (message number, request index) before each request of a
+    message (`service.Worker.handle_batch`); the parent reads it only once the
+    worker is dead, to tell during which request it died. Zero-filled at
+    creation: message numbers start at 1.
+    """
+
+    LAYOUT = struct.Struct("<qq")
+
+    def __init__(self, buf: memoryview):
+        self._buf = buf
+
+    def mark(self, message: int, index: int) -> None:
+        self.LAYOUT.pack_into(self._buf, 0, message, index)
+
+    def read(self) -> tuple[int, int]:
+        return self.LAYOUT.unpack_from(self._buf, 0)
+
+    def release(self) -> None:
+        self._buf = None
 
 
 def _create_segment(size: int) -> shared_memory.SharedMemory:
@@ -180,6 +233,10 @@ class AttachedSegments:
 
     def names(self) -> list[str]:
         return list(self._mapped)
+
+    def progress(self, name: str) -> ProgressCell:
+        """The parent's progress cell `name` for this worker's slot (see `ProgressCell`)."""
+        return ProgressCell(self._attach(name).buf)
 
     def read(self, ref: SharedArray) -> Any:
         """An eager tensor holding a private copy of a shared array.
@@ -260,6 +317,34 @@ def dataset_from_graph(graph: bytes, sequence_type: Any) -> Any:
 
     variant = tf.raw_ops.DatasetFromGraph(graph_def=graph)
     return tf.data.experimental.from_variant(variant, tfc.element_spec(sequence_type.element))
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class RemoteError:
+    """An exception raised by a request in a worker, as it travels back to the parent.
+
+    Unpickles as the exception itself with the worker-side traceback as its
+    `__cause__` (what loky does for a task that raises). An exception that
+    does not pickle travels as a RuntimeError naming its type and message.
+    """
+
+    def __init__(self, error: BaseException):
+        self.traceback = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        try:
+            pickle.dumps(error)
+            self.error = error
+        except Exception:  # noqa: BLE001 - whatever stops it pickling, send what can be
+            self.error = RuntimeError(f"{type(error).__name__}: {error} (the exception itself cannot be pickled)")
+
+    def __reduce__(self):
+        return _rebuild_error, (self.error, f'\n"""\n{self.traceback}"""')
+
+
+def _rebuild_error(error: BaseException, tb: str) -> BaseException:
+    error.__cause__ = _RemoteTraceback(tb)
+    return error
 
 
 # --------------------------------------------------------------------------- functions

@@ -161,6 +161,11 @@ def handle(shard_id: int, releases: tuple[int, ...], request: ShardRequest, new_
     return current().handle(shard_id, releases, request, new_functions)
 
 
+def handle_batch(items: list[tuple], progress: tuple[str, int] | None = None) -> list[tuple[bool, Any]]:
+    """Runs the requests of one message in order (see `service.Worker.handle_batch`)."""
+    return current().handle_batch(items, progress)
+
+
 def report() -> dict[str, Any]:
     """Where and how this worker runs, and what it holds (see `service.Worker.report`)."""
     return {**current().report(), "start": dict(_started)}
