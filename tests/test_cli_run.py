@@ -114,13 +114,20 @@ def test_ray_executor_without_ray_installed_is_a_one_line_error(tmp_path, capsys
     (["--server-optimizer", "lamb"], "invalid choice: 'lamb'"),
     (["--server-lr", "0"], "--server-lr must be > 0"),
     (["--clip", "-1"], "--clip must be > 0"),
+    # DP's adaptive-clipping bound, said with the flags that move it (not dp()'s keyword arguments).
     (["--clients", "50", "--clients-per-round", "10", "--noise-multiplier", "1", "--adaptive-clip"],
-     "or --clients-per-round"),
+     "--noise-multiplier 1 is too much noise for --adaptive-clip with 10 clients a round (adaptive clipping adds its "
+     "own noise, of std clients/20, which must exceed half the noise multiplier); lower --noise-multiplier below 1, "
+     "raise --clients-per-round above 10, or leave --adaptive-clip out and give a fixed norm: --clip C."),
+    (["--clients", "8", "--noise-multiplier", "1.5", "--adaptive-clip"],
+     "lower --noise-multiplier below 0.8, raise --clients above 15 (every client is in each round), or leave "
+     "--adaptive-clip out"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(args, message, tmp_path, capsys):
     assert cli.main(["run", *args, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "clipped_count_stddev" not in err and "=" not in err.split(": error: ", 1)[1]  # no keyword arguments
 
 
 def test_sampling_fewer_clients_than_workers_keeps_the_pool(tmp_path, capsys):
@@ -155,7 +162,8 @@ def test_workers_auto_is_accepted():
     assert parser.parse_args(["run", "--workers", "auto"]).workers is None
     assert parser.parse_args(["run", "--workers", "3"]).workers == 3
     args = parser.parse_args(["run"])
-    assert (args.clients, args.rounds, args.workers, args.local_steps, args.local_epochs) == (None, 10, None, None, None)
+    # --rounds: None reads as 10 (job.DEFAULT_ROUNDS); None lets a resume tell "left out" from "--rounds 10".
+    assert (args.clients, args.rounds, args.workers, args.local_steps, args.local_epochs) == (None, None, None, None, None)
 
 
 def _write_npz(path, clients=6, per_client=(8, 12), features=5, classes=3, seed=0, **override):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -81,29 +83,35 @@ def test_dataset_spec_errors_say_what_to_do():
 
 
 def test_masked_sums_ignore_padding():
+    from mp_executors import learning
     from mp_executors._tf import tf
 
-    spec = models.ModelSpec("mlp", 60, 10, hidden=8)
-    params = models.initial_params(spec, np.random.default_rng(0))
+    model = learning.mlp(60, 10, hidden=8)  # the main job's --model mlp --hidden 8
     client = datasets.make_client(datasets.DatasetSpec("synthetic", 30, seed=0, max_examples=250), 3)
     tr = client["train"]
     n = int(tr["mask"].sum())
     assert n < len(tr["mask"])
-    ws = [tf.constant(params[k]) for k in spec.names]
-    padded = [float(v) for v in models.masked_sums(spec, ws, tr["x"], tr["y"], tr["mask"])]
-    real = [float(v) for v in models.masked_sums(spec, ws, tr["x"][:n], tr["y"][:n], tr["mask"][:n])]
-    assert padded[2] == n
+    ws = [tf.constant(w) for w in model.initial]
+
+    def sums(rows):  # (loss sum, examples, correct)
+        total, count, (correct,) = model.masked_sums(ws, tr["x"][rows], tr["y"][rows], tr["mask"][rows])
+        return [float(total), float(count), float(correct)]
+
+    padded, real = sums(slice(None)), sums(slice(0, n))
+    assert padded[1] == n
     np.testing.assert_allclose(padded, real, rtol=1e-6)
 
 
 def test_sample_schedule_is_seeded_sorted_and_without_replacement():
     cfg = program.FedAvgConfig(rounds=5, clients_per_round=7, seed=11)
     a, b = program.sample_schedule(40, cfg), program.sample_schedule(40, cfg)
-    assert a == b
-    for ids, _ in a:
+    assert a == b and len(a) == 5
+    for ids in a:
         assert ids == sorted(set(ids)) and len(ids) == 7 and max(ids) < 40
     assert program.sample_schedule(40, program.FedAvgConfig(rounds=5, clients_per_round=7, seed=12)) != a
-    assert all(ids is None for ids, _ in program.sample_schedule(7, cfg))  # K >= N: everyone
+    assert program.sample_schedule(7, cfg) == [None] * 5  # K >= N: everyone
+    # Round r's cohort does not depend on the total (a resumed run may extend its rounds).
+    assert program.sample_schedule(40, program.FedAvgConfig(rounds=9, clients_per_round=7, seed=11))[:5] == a
 
 
 def test_fedavg_learns_digits_locally():
@@ -180,18 +188,21 @@ def test_npz_clients_are_built_from_the_file(tmp_path):
     assert datasets.example_counts(everyone).tolist() == [3, 7, 10]
 
 
-def test_local_steps_are_the_same_for_every_client():
+def test_run_fedavg_evaluates_as_scheduled_and_an_extended_run_drops_the_old_last_evaluation():
+    # (That every client takes the same local_steps, whatever its size, is checked step by step
+    # against the numpy reference in tests/learning/test_learning_fed_avg.py.)
     data = datasets.DatasetSpec("synthetic", 6, seed=0, max_examples=60)
     model = models.ModelSpec("logreg", data.num_features, data.num_classes)
+    cfg = program.FedAvgConfig(rounds=4, local_steps=3, batch_size=4, eval_every=3)
     with mpx.local_executor_factory() as factory:
-        res = program.run_fedavg(model, data, program.FedAvgConfig(rounds=1, local_steps=3, batch_size=4), factory)
-    # local loss is averaged over the examples visited: 6 clients x 3 steps x 4 examples.
-    comps = program.build_computations(model, data, program.FedAvgConfig(rounds=1, local_steps=3, batch_size=4))
-    params = models.initial_params(model, np.random.default_rng(0))
-    with mpx.execution_context(mpx.local_executor_factory()):
-        _, _, seen = comps.train_round(params, np.int32(5), datasets.client_data(data))
-    assert float(seen) == 6 * 3 * 4
-    assert res.rounds[0].metrics["local_loss"] > 0
+        res = program.run_fedavg(model, data, cfg, factory)
+    assert [r.eval_s is not None for r in res.rounds] == [False, False, True, True]  # every 3rd and the last
+    assert all(r.metrics["local_loss"] > 0 for r in res.rounds)
+    assert "test_accuracy" in res.rounds[3].metrics and "test_accuracy" not in res.rounds[1].metrics
+    # Extended to 7 rounds, round 4 is no longer the last: its evaluation goes, round 3's stays.
+    program.evaluations_as_scheduled(res, dataclasses.replace(cfg, rounds=7))
+    assert [r.eval_s is not None for r in res.rounds] == [False, False, True, False]
+    assert not set(program.EVAL_KEYS) & set(res.rounds[3].metrics) and "local_loss" in res.rounds[3].metrics
 
 
 def test_eval_sample_is_fixed_seeded_and_sorted():

@@ -35,7 +35,7 @@ import mp_executors as mpx
 from mp_executors.benchmarking import workloads as W
 from mp_executors.executors import vectorized_map as vm
 from mp_executors.executors import vectorized_random
-from mp_executors.simulation import datasets, job, models, program
+from mp_executors.simulation import datasets, job, program
 
 NUM_CLIENTS = 21  # mp-2: [0,16) [16,21); mp-3: [0,8) [8,16) [16,21); local: 3 shards
 KINDS = ("local", "mp-1", "mp-2", "mp-3")
@@ -107,24 +107,24 @@ W0 = np.random.default_rng(3).standard_normal((6, 4)).astype(np.float32)
 
 
 def _main_job():
+    """The main job's FedAvg process and evaluation (mpx.learning, as `program.build_training` builds them)."""
     parser = argparse.ArgumentParser()
     job.add_arguments(parser)
     model, data, cfg = job.specs_from_args(parser.parse_args(
         ["--dataset", "synthetic", "--model", "logreg", "--clients", str(NUM_CLIENTS)]))
-    return model, data, cfg, program.build_computations(model, data, cfg)
+    return data, program.build_training(model, data, cfg)
 
 
-MODEL, DATA, CFG, COMPS = _main_job()
+DATA, TRAINING = _main_job()
 
 
 def _run_all() -> dict:
     """Every computation, once, on the current context; flat numpy results by name."""
     out = {}
     everyone = datasets.client_data(DATA)
-    params = models.initial_params(MODEL, np.random.default_rng([CFG.seed, 0]))
-    new_params, loss_sum, seen = COMPS.train_round(params, np.int32(12345), everyone)
-    out["main_train"] = [new_params[k] for k in sorted(new_params)] + [loss_sum, seen]
-    out["main_eval"] = [COMPS.evaluate(new_params, everyone)]
+    state, metrics = TRAINING.process.next(TRAINING.process.initialize(), everyone)
+    out["main_train"] = [state["model"][k] for k in sorted(state["model"])] + [metrics["loss"]]
+    out["main_eval"] = list(TRAINING.evaluate_train(state, everyone).values())
     fed = mpx.ClientData(W.make_client, list(range(NUM_CLIENTS)), W.DATA_TYPE)
     model = W.fedavg_round(W.initial_model(), fed)
     model = W.fedavg_round(model, fed)

@@ -24,8 +24,9 @@ Workloads (`workloads.py`, FACTS.md "the peer"):
                  `flower_peer.py`; a note says so when not; `--flower off` skips it)
 - **overhead**: `federated_sum` of one float32 per client, 10 .. 10,000 clients, on local,
   mp, ray (two smallest counts) and tff (the per-client cost of the runtime itself).
-- **main**: one training round of the main job (`mp-executors run`'s FedAvg program, built as
-  `job.py` builds it: synthetic FedProx data, the default logreg model and training settings),
+- **main**: one training round of the main job (`mp-executors run`'s FedAvg process on
+  mpx.learning, built as `job.py` builds it: synthetic FedProx data, the default logreg model
+  and training settings),
   client data resident (the dataset's ClientData), at 100 and 1,000 clients, on local, mp and
   ray (two smallest counts).
 - **small**: the main job's model and data shape (logreg 60->10, 200 examples per client,
@@ -80,7 +81,7 @@ import mp_executors as mpx
 from mp_executors._tf import tf  # the quiet import (TensorFlow's start-up lines silenced)
 from mp_executors.benchmarking import coldstart, flower_peer
 from mp_executors.benchmarking import workloads as W
-from mp_executors.simulation import datasets, job, models, program
+from mp_executors.simulation import datasets, job, program
 
 FEDAVG_RUNTIMES = ("floor", "local", "mp", "mp-resident", "ray", "tff", "flower")
 OVERHEAD_RUNTIMES = ("local", "mp", "ray", "tff")
@@ -371,22 +372,21 @@ class Suite:
 def _main_rounds(factory: Any, clients: int, rounds: int) -> dict:
     """`rounds` training rounds of the main job's program on `factory` (`measure`d).
 
-    The specs come from `mp-executors run`'s own flag defaults (`job.specs_from_args`), and
-    each round is `program.build_computations(...).train_round` over the dataset's ClientData,
-    exactly as `program.run_fedavg` calls it (without its evaluations).
+    The specs come from `mp-executors run`'s own flag defaults (`job.specs_from_args`), the
+    model and FedAvg process from `program.build_training` (mpx.learning), and each round is
+    `process.next(state, clients)` over the dataset's ClientData, exactly as
+    `program.run_fedavg` calls it (without its evaluations).
     """
     parser = argparse.ArgumentParser()
     job.add_arguments(parser)
     model, data, cfg = job.specs_from_args(parser.parse_args(
         ["--dataset", "synthetic", "--model", "logreg", "--clients", str(clients), "--rounds", str(rounds)]))
-    comps = program.build_computations(model, data, cfg)
+    process = program.build_training(model, data, cfg).process
     everyone = datasets.client_data(data)
-    seeds = iter([seed for _, seed in program.sample_schedule(data.num_clients, cfg)])
-    state = {"params": models.initial_params(model, np.random.default_rng([cfg.seed, 0]))}
+    state = {"state": process.initialize()}
 
     def one_round():
-        state["params"], loss_sum, _ = comps.train_round(state["params"], np.int32(next(seeds)), everyone)
-        float(loss_sum)
+        state["state"], _ = process.next(state["state"], everyone)
 
     with mpx.execution_context(factory):
         return measure(one_round, rounds, factory)

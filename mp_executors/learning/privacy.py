@@ -37,7 +37,7 @@ import numpy as np
 
 from mp_executors._tf import tf
 
-__all__ = ["DPAggregator", "PrivacyAccountant", "dp", "epsilon"]
+__all__ = ["DPAggregator", "PrivacyAccountant", "adaptive_noise_limit", "dp", "epsilon"]
 
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -72,10 +72,15 @@ class DPAggregator:
         if self.clipped_count_stddev is not None and not self.clipped_count_stddev >= 0:
             raise ValueError(f"dp: clipped_count_stddev={self.clipped_count_stddev!r} must be >= 0.")
         if self.adaptive and z > 0 and not 2 * self.count_stddev > z:
+            default = self.clipped_count_stddev is None
             raise ValueError(
-                f"dp: with adaptive clipping the clipped-count noise must satisfy 2 * clipped_count_stddev > "
-                f"noise_multiplier, got 2 * {self.count_stddev} <= {z}; raise clipped_count_stddev (default "
-                "clients_per_round / 20) or clients_per_round.")
+                f"dp: adaptive clipping needs 2 * clipped_count_stddev > noise_multiplier, got 2 * "
+                f"{self.count_stddev:g} <= {z:g}"
+                + (f" (clipped_count_stddev defaults to clients_per_round / 20 = {self.clients_per_round} / 20)"
+                   if default else "")
+                + f"; lower noise_multiplier below {2 * self.count_stddev:g}, raise clipped_count_stddev= above "
+                f"{z / 2:g}" + (f" (or clients_per_round= above {math.floor(10 * z)})" if default else "")
+                + ", or clip at a fixed norm (adaptive=False).")
 
     @property
     def count_stddev(self) -> float:
@@ -84,7 +89,7 @@ class DPAggregator:
             return 0.0
         if self.clipped_count_stddev is not None:
             return float(self.clipped_count_stddev)
-        return self.clients_per_round / 20.0 if self.noise_multiplier > 0 else 0.0
+        return adaptive_noise_limit(self.clients_per_round) / 2.0 if self.noise_multiplier > 0 else 0.0
 
     @property
     def update_noise_multiplier(self) -> float:
@@ -96,6 +101,16 @@ class DPAggregator:
 
     def initial_state(self) -> dict[str, Any]:
         return {"clip": np.float32(self.clip)}
+
+
+def adaptive_noise_limit(clients_per_round: int) -> float:
+    """The noise multipliers adaptive clipping can carry at its default clipped-count noise: below this.
+
+    σ_b = clients_per_round / 20 by default, and the pair of releases needs z < 2 σ_b
+    (`DPAggregator`); callers that phrase the error in their own terms (the main job) check it
+    with this before calling `dp`.
+    """
+    return 2.0 * clients_per_round / 20.0
 
 
 def dp(

@@ -33,6 +33,7 @@ from mp_executors.simulation.program import DEFAULT_LOCAL_STEPS, DEFAULT_LR, Fed
 
 EXECUTORS = ("mp", "local", "ray")
 DEFAULT_CLIENTS = 100
+DEFAULT_ROUNDS = 10
 
 
 class JobError(Exception):
@@ -90,7 +91,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--dirichlet-alpha", type=float, default=0.5, metavar="A",
                    help="digits: the Dirichlet concentration; smaller is more skewed (default: 0.5)")
     t = p.add_argument_group("training")
-    t.add_argument("--rounds", type=int, default=10, metavar="R", help="federated rounds (default: 10)")
+    # default None (read as DEFAULT_ROUNDS): a resume can tell "--rounds 10" from "left out".
+    t.add_argument("--rounds", type=int, default=None, metavar="R",
+                   help=f"federated rounds (default: {DEFAULT_ROUNDS}); with --resume, a number other than the "
+                   "checkpointed run's extends (or shortens) it")
     t.add_argument("--model", type=_model, default="logreg", metavar="logreg|mlp|MODULE:FUNCTION",
                    help="logreg, mlp, or MODULE:FUNCTION: FUNCTION() returns a Keras model taking float32[batch, "
                    "features] and giving logits (default: logreg)")
@@ -143,7 +147,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write DIR/checkpoint.npz (atomically) every N rounds and after the last (default: 1)")
     o.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run whose outputs are in DIR from its checkpoint, with its settings "
-                   "(runtime flags such as --executor/--workers may change; others must match or be left out)")
+                   "(runtime flags such as --executor/--workers may change, --rounds may extend it; others must "
+                   "match or be left out)")
     o.add_argument("--tensorboard", default=None, metavar="DIR",
                    help="also write the per-round metrics as TensorBoard scalars to DIR")
     o.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
@@ -155,6 +160,12 @@ RUNTIME_FLAGS = frozenset({
     "executor", "workers", "threads_per_worker", "memory_per_worker", "oversubscribe", "devices", "out",
     "no_plots", "quiet", "resume", "checkpoint_every", "tensorboard", "command", "_handler",
 })
+
+
+#: Result flags a resume may change: the round count. The client schedule is drawn round after
+#: round from one seeded Generator and every other random number is keyed by (seed, round), never
+#: by the total, so an R-round run extended to R' rounds is bitwise the R'-round run.
+RESUMABLE_FLAGS = frozenset({"rounds"})
 
 
 def result_flags(args: argparse.Namespace) -> dict[str, Any]:
@@ -188,6 +199,8 @@ def restore_args(args: argparse.Namespace, ckpt: checkpoint.Checkpoint) -> None:
             if value != defaults.get(key):
                 raise JobError(f"{_flag(key)} cannot be set when resuming a run made without it.")
             continue
+        if key in RESUMABLE_FLAGS and value is not None:
+            continue  # checked against the checkpoint's round by resume_point
         if value != defaults.get(key) and value != saved[key]:
             raise JobError(
                 f"--resume {args.resume}: the checkpoint was made with {_flag(key)} {saved[key]}, this command "
@@ -201,8 +214,15 @@ def restore_args(args: argparse.Namespace, ckpt: checkpoint.Checkpoint) -> None:
 
 def resume_point(ckpt: checkpoint.Checkpoint, model: models.ModelSpec, data: datasets.DatasetSpec,
                  cfg: FedAvgConfig, path: Path) -> program.Resume:
-    """The Resume a checkpoint gives for this configuration; JobError if it does not fit."""
+    """The Resume a checkpoint gives for this configuration; JobError if it does not fit.
+
+    `cfg.rounds` may differ from the checkpointed run's (extending or shortening it, see
+    RESUMABLE_FLAGS) as long as rounds remain after the checkpoint's.
+    """
     config = json.loads(json.dumps(program.config_dict(model, data, cfg)))
+    saved_rounds = ((ckpt.meta.get("config") or {}).get("fedavg") or {}).get("rounds")
+    if isinstance(saved_rounds, int):
+        config["fedavg"]["rounds"] = saved_rounds  # the total is not part of what must match
     if ckpt.meta.get("config") != config:
         saved = ckpt.meta.get("config") or {}
         diff = sorted(f"{part}.{k}" for part in config for k in config[part]
@@ -218,9 +238,16 @@ def resume_point(ckpt: checkpoint.Checkpoint, model: models.ModelSpec, data: dat
         result = program.result_from_json(ckpt.meta["result"], weights)
     except (KeyError, TypeError) as e:
         raise JobError(f"{path}: its metrics are incomplete ({e}); it cannot be resumed.") from None
-    if len(result.rounds) != ckpt.round or ckpt.round > cfg.rounds:
+    if len(result.rounds) != ckpt.round or not isinstance(saved_rounds, int) or ckpt.round > saved_rounds:
         raise JobError(f"{path}: inconsistent (round {ckpt.round} with {len(result.rounds)} rounds of metrics, "
-                       f"of {cfg.rounds}); it cannot be resumed.")
+                       f"of {saved_rounds}); it cannot be resumed.")
+    if ckpt.round >= cfg.rounds:
+        more = f"to continue it, give a larger --rounds (e.g. --rounds {2 * ckpt.round})"
+        if cfg.rounds == saved_rounds:
+            raise JobError(f"--resume {path.parent}: that run already finished its {cfg.rounds} rounds; nothing to "
+                           f"resume ({more}).")
+        raise JobError(f"--resume {path.parent} --rounds {cfg.rounds}: its checkpoint already holds {ckpt.round} "
+                       f"rounds; a resumed run cannot end before its checkpoint ({more}).")
     return program.Resume(ckpt.state, result)
 
 
@@ -246,7 +273,7 @@ def specs_from_args(args: argparse.Namespace):
                            f"{data.num_clients} clients of {args.dataset}")
         model = models.ModelSpec(args.model, data.num_features, data.num_classes, hidden=args.hidden)
         cfg = FedAvgConfig(
-            rounds=args.rounds, clients_per_round=args.clients_per_round,
+            rounds=DEFAULT_ROUNDS if args.rounds is None else args.rounds, clients_per_round=args.clients_per_round,
             local_steps=args.local_steps, local_epochs=args.local_epochs,
             batch_size=args.batch_size, learning_rate=args.lr, mu=args.mu, seed=args.seed,
             eval_every=args.eval_every, server_optimizer=args.server_optimizer, server_lr=args.server_lr,
@@ -342,6 +369,8 @@ def run(args: argparse.Namespace) -> int:
         except checkpoint.CheckpointError as e:
             raise JobError(str(e)) from None
         restore_args(args, ckpt)
+    if args.rounds is None:
+        args.rounds = DEFAULT_ROUNDS  # recorded in checkpoints as given
     model, data, cfg = specs_from_args(args)
     if data.name == "digits":
         try:
@@ -357,14 +386,15 @@ def run(args: argparse.Namespace) -> int:
     resume = None
     if ckpt is not None:
         resume = resume_point(ckpt, model, data, cfg, checkpoint.path_in(Path(args.resume)))
-        if resume.result.rounds and len(resume.result.rounds) == cfg.rounds:
-            raise JobError(f"--resume {args.resume}: that run already finished its {cfg.rounds} rounds; "
-                           "nothing to resume.")
     label = data.name if data.name != "npz" else Path(data.path).stem
     out_dir = Path(args.out) if args.out else outputs.default_out_dir(label)
     # The first line, before anything imports TensorFlow (a factory does: seconds).
     if not args.quiet:
-        where = f"; resuming after round {len(resume.result.rounds)}" if resume is not None else ""
+        where = ""
+        if resume is not None:
+            saved_total = ckpt.meta["config"]["fedavg"]["rounds"]
+            where = f"; resuming after round {len(resume.result.rounds)}" + (
+                f" (a run of {saved_total} rounds, now {cfg.rounds})" if saved_total != cfg.rounds else "")
         print(f"FedAvg: {data.describe()}; {model.describe()}; {cfg.rounds} rounds of "
               f"{cfg.clients_per_round or data.num_clients} clients; executor {args.executor}{where}", flush=True)
     try:

@@ -1,15 +1,13 @@
-"""Models for the simulation: parameter types, initial values, and the masked TF math.
+"""The main job's built-in models: their specs, weight names and shapes, initial values, logits.
 
-A model is plain TensorFlow over a named struct of weight tensors (no Keras: the client
-update is traced into a portable graph and runs inside `tf.map_fn` over a shard's clients).
+A model is plain TensorFlow over a named list of weight tensors (no Keras); `mpx.learning`'s
+`logreg` and `mlp` are these (`learning/models.py` adds the loss, the padding mask and the
+metrics), and a spec may also name a user's Keras model ("MODULE:FUNCTION").
 
 - ``logreg``: multinomial logistic regression, softmax(x W + b), the model of FedProx's
   synthetic experiments; starts from zeros.
 - ``mlp``: one hidden ReLU layer (`hidden` units, default 64); Glorot-uniform weights drawn
   from a numpy Generator seeded in the parent, so a run is reproducible.
-
-Losses, gradients and accuracy honour the datasets' padding mask: a padded row has mask 0
-and contributes nothing (see `datasets`).
 """
 
 from __future__ import annotations
@@ -17,8 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-import mp_executors as mpx
 
 MODELS = ("logreg", "mlp")  # or "MODULE:FUNCTION", a function returning a Keras model (see `is_keras`)
 
@@ -65,10 +61,6 @@ class ModelSpec:
         return f"MLP {self.num_features}->{self.hidden}->{self.num_classes} ({size} parameters)"
 
 
-def param_type(spec: ModelSpec) -> mpx.StructType:
-    return mpx.StructType([(n, mpx.TensorType(np.float32, s)) for n, s in spec.shapes])
-
-
 def initial_params(spec: ModelSpec, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Initial weights (zeros for logreg, Glorot-uniform for the MLP's matrices)."""
     params = {}
@@ -90,13 +82,3 @@ def logits(spec: ModelSpec, params: list, x):
         return tf.matmul(x, w) + b
     w1, b1, w2, b2 = params
     return tf.matmul(tf.nn.relu(tf.matmul(x, w1) + b1), w2) + b2
-
-
-def masked_sums(spec: ModelSpec, params: list, x, y, mask):
-    """(sum of losses, number correct, number of examples), over real (mask 1) rows only."""
-    from mp_executors._tf import tf  # noqa: PLC0415 - as in `logits`
-
-    out = logits(spec, params, x)
-    losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=out)
-    correct = tf.cast(tf.equal(tf.argmax(out, axis=1, output_type=tf.int32), y), tf.float32)
-    return tf.reduce_sum(mask * losses), tf.reduce_sum(mask * correct), tf.reduce_sum(mask)

@@ -11,23 +11,21 @@ and a `FedAvgConfig` (`build_training`):
 - the evaluations: `learning.evaluate` on the train and on the test split of a fixed seeded
   sample of `eval_clients` clients (`eval_ids`; None: everyone).
 
-Each round: the cohort (`sample_schedule`: drawn in the parent from Generators seeded by the
-seed, a pure function of (seed, round)) becomes a ClientData over its ids (built in the
-workers), `process.next(state, cohort)`, and every `eval_every` rounds the evaluation. Every
-other random number is keyed by (seed, round[, client]) inside the process, so the state after
-round k (model, server-optimizer state, round, DP clip) plus the metrics so far is all a resume
-needs (`Resume`, `on_checkpoint`), and a run is bitwise the same on `local`, on `mp` with any
-number of workers, run after run, interrupted and resumed or not. Ctrl-C raises `Interrupted`
-with the finished rounds.
-
-`build_computations` is the hand-written FedAvg round this job ran before `mpx.learning`
-(plain TensorFlow, `models.masked_sums`); the benchmark suite and the vectorization tests still
-measure it as "the main job's workload".
+Each round: the cohort (`sample_schedule`: drawn in the parent, round after round, from a
+Generator seeded by the seed: a function of (seed, round), not of the total rounds) becomes a
+ClientData over its ids (built in the workers), `process.next(state, cohort)`, and every
+`eval_every` rounds (and after the last) the evaluation. Every other random number is keyed by
+(seed, round[, client]) inside the process, so the state after round k (model, server-optimizer
+state, round, DP clip) plus the metrics so far is all a resume needs (`Resume`, `on_checkpoint`),
+a resumed run may go on to more rounds than it was started with (`evaluations_as_scheduled`),
+and a run is bitwise the same on `local`, on `mp` with any number of workers, run after run,
+interrupted and resumed or not. Ctrl-C raises `Interrupted` with the finished rounds.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -113,90 +111,6 @@ class FedAvgConfig:
 
 
 @dataclass
-class Computations:
-    train_round: Any
-    evaluate: Any
-
-
-def build_computations(model: models.ModelSpec, data: datasets.DatasetSpec, cfg: FedAvgConfig) -> Computations:
-    """Traces the program's computations for this model, dataset shape and config."""
-    from mp_executors._tf import tf  # noqa: PLC0415 - the computations' bodies are TensorFlow
-
-    params_t = models.param_type(model)
-    element_t = datasets.element_type(data)
-    train_t = datasets.split_type(data.split_sizes[0], data.num_features)
-    names = model.names
-    size = data.split_sizes[0]
-    batch, epochs, steps, lr, mu = cfg.batch_size, cfg.local_epochs, cfg.local_steps, cfg.learning_rate, cfg.mu
-
-    @mpx.tf_computation(params_t, np.int32, np.int32, train_t)
-    def client_update(params, round_seed, client_id, train):
-        start = [getattr(params, n) for n in names]
-        n = tf.reduce_sum(train.mask)
-        batches = tf.maximum(tf.cast(tf.math.ceil(n / batch), tf.int32), 1)
-        # SGD steps this round: a fixed number, or `epochs` passes of `batches` steps.
-        num_steps = tf.constant(steps) if steps is not None else epochs * batches
-        # One permutation per pass over the data: real rows in random order first, padding
-        # last, so a pass visits ceil(n / batch) batches and padded rows are (almost) never
-        # touched. With local_steps, ceil(steps / batches) passes (the last may be partial).
-        # Shapes do not depend on the client's data, so a shard vectorizes this over its clients
-        # (executors/vectorized_map.py): keys for the most passes any client can need (`steps`
-        # with local_steps, as batches >= 1); a client uses its first ceil(steps / batches) rows,
-        # the same numbers a [passes, size] draw gives (the stateless stream is a prefix).
-        keys = tf.random.stateless_uniform([epochs if steps is None else steps, size],
-                                           seed=tf.stack([round_seed, client_id]))
-        perms = tf.argsort(keys + 2.0 * (1.0 - train.mask), axis=1, stable=True)
-
-        def step(i, weights, loss_sum, seen):
-            # `batch` rows of pass i // batches (gathers, not a slice with per-client bounds); a
-            # position past the end repeats the last row with mask 0, as if the batch were short.
-            pos = (i % batches) * batch + tf.range(batch)
-            rows = tf.gather(tf.gather(perms, i // batches), tf.minimum(pos, size - 1))
-            x, y = tf.gather(train.x, rows), tf.gather(train.y, rows)
-            m = tf.gather(train.mask, rows) * tf.cast(pos < size, tf.float32)
-            with tf.GradientTape() as tape:
-                tape.watch(weights)
-                total, _, count = models.masked_sums(model, weights, x, y, m)
-                loss = total / tf.maximum(count, 1.0)
-                if mu > 0:
-                    loss += 0.5 * mu * tf.add_n([tf.reduce_sum(tf.square(w - w0)) for w, w0 in zip(weights, start)])
-            grads = tape.gradient(loss, weights)
-            weights = [w - lr * g for w, g in zip(weights, grads)]
-            return i + 1, weights, loss_sum + total, seen + count
-
-        _, weights, loss_sum, seen = tf.while_loop(
-            lambda i, *_: i < num_steps, step,
-            (tf.constant(0), start, tf.constant(0.0), tf.constant(0.0)),
-        )
-        return {"params": dict(zip(names, weights)), "weight": n, "loss_sum": loss_sum, "seen": seen}
-
-    @mpx.federated_computation(
-        mpx.FederatedType(params_t, mpx.SERVER),
-        mpx.FederatedType(np.int32, mpx.SERVER),
-        mpx.FederatedType(element_t, mpx.CLIENTS),
-    )
-    def train_round(params, round_seed, clients):
-        # Selections are column bookkeeping in the shards: no client data moves.
-        out = mpx.federated_map(client_update, (
-            mpx.federated_broadcast(params), mpx.federated_broadcast(round_seed), clients.id, clients.train))
-        new_params = mpx.federated_mean(out.params, out.weight)
-        return new_params, mpx.federated_sum(out.loss_sum), mpx.federated_sum(out.seen)
-
-    @mpx.tf_computation(params_t, element_t)
-    def client_eval(params, client):
-        weights = [getattr(params, n) for n in names]
-        tr = models.masked_sums(model, weights, client.train.x, client.train.y, client.train.mask)
-        te = models.masked_sums(model, weights, client.test.x, client.test.y, client.test.mask)
-        return tf.stack(list(tr) + list(te))
-
-    @mpx.federated_computation(mpx.FederatedType(params_t, mpx.SERVER), mpx.FederatedType(element_t, mpx.CLIENTS))
-    def evaluate(params, clients):
-        return mpx.federated_sum(mpx.federated_map(client_eval, (mpx.federated_broadcast(params), clients)))
-
-    return Computations(train_round, evaluate)
-
-
-@dataclass
 class RoundRecord:
     round: int
     clients: int
@@ -228,30 +142,19 @@ class RunResult:
         return h.hexdigest()
 
 
-def _eval_metrics(sums: np.ndarray) -> dict[str, float]:
-    tr_loss, tr_correct, tr_n, te_loss, te_correct, te_n = (float(v) for v in np.asarray(sums))
-    return {
-        "train_loss": tr_loss / max(tr_n, 1.0), "train_accuracy": tr_correct / max(tr_n, 1.0),
-        "test_loss": te_loss / max(te_n, 1.0), "test_accuracy": te_correct / max(te_n, 1.0),
-    }
+def sample_schedule(num_clients: int, cfg: FedAvgConfig) -> list[list[int] | None]:
+    """Per round: the sorted sampled client ids, or None for all clients.
 
-
-def sample_schedule(num_clients: int, cfg: FedAvgConfig) -> list[tuple[list[int] | None, int]]:
-    """Per round: (sorted sampled client ids, or None for all clients; the round's seed).
-
-    Drawn up front in the parent from Generators seeded by `cfg.seed`, so it does not depend
-    on the runtime. Sorted ids keep the runtime's reduction blocks in client-id order.
+    Drawn round after round in the parent from one Generator seeded by `cfg.seed`, so it does
+    not depend on the runtime, and round r's cohort does not depend on the total `cfg.rounds`
+    (the schedule of R rounds is the first R of any longer one: a resumed run may extend its
+    rounds). Sorted ids keep the runtime's reduction blocks in client-id order.
     """
     sampler = np.random.default_rng([cfg.seed, 1])
-    seeds = np.random.default_rng([cfg.seed, 2]).integers(0, 2**31 - 1, cfg.rounds)
     k = cfg.clients_per_round
-    schedule = []
-    for r in range(cfg.rounds):
-        ids = None
-        if k is not None and k < num_clients:
-            ids = sorted(int(i) for i in sampler.choice(num_clients, k, replace=False))
-        schedule.append((ids, int(seeds[r])))
-    return schedule
+    if k is None or k >= num_clients:
+        return [None] * cfg.rounds
+    return [sorted(int(i) for i in sampler.choice(num_clients, k, replace=False)) for _ in range(cfg.rounds)]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -326,13 +229,32 @@ def build_training(model: models.ModelSpec, data: datasets.DatasetSpec, cfg: Fed
     net = learning_model(model, cfg.seed)
     aggregator: Any = "mean"
     if cfg.private:
-        aggregator = learning.dp(cfg.noise_multiplier, cfg.clients_per_round or data.num_clients, clip=cfg.clip,
-                                 adaptive=cfg.adaptive_clip)
+        cohort = cfg.clients_per_round or data.num_clients
+        _check_adaptive_noise(cfg, cohort)
+        aggregator = learning.dp(cfg.noise_multiplier, cohort, clip=cfg.clip, adaptive=cfg.adaptive_clip)
     process = learning.fed_avg(
         net, learning.SGD(cfg.learning_rate), optimizers.get(cfg.server_optimizer, cfg.server_lr),
         batch_size=cfg.batch_size, local_steps=cfg.local_steps, local_epochs=cfg.local_epochs, mu=cfg.mu,
         aggregator=aggregator, seed=cfg.seed, split="train")
     return Training(net, process, learning.evaluate(net, split="train"), learning.evaluate(net, split="test"))
+
+
+def _check_adaptive_noise(cfg: FedAvgConfig, cohort: int) -> None:
+    """`learning.dp`'s adaptive-clipping bound, said in this job's settings (its own message names
+    `dp`'s keyword arguments, such as clipped_count_stddev, which the job does not expose)."""
+    from mp_executors.learning import privacy  # noqa: PLC0415 - imports TensorFlow (see learning_model)
+
+    limit = privacy.adaptive_noise_limit(cohort)
+    if not cfg.adaptive_clip or cfg.noise_multiplier <= 0 or cfg.noise_multiplier < limit:
+        return
+    fewest = math.floor(10 * cfg.noise_multiplier)
+    more = (f"raise clients_per_round above {fewest}" if cfg.clients_per_round is not None
+            else f"raise the number of clients above {fewest} (every client is in each round)")
+    raise ValueError(
+        f"noise_multiplier {cfg.noise_multiplier:g} is too much noise for adaptive_clip with {cohort} clients a "
+        f"round (adaptive clipping adds its own noise, of std clients/20, which must exceed half the noise "
+        f"multiplier); lower noise_multiplier below {limit:g}, {more}, or leave adaptive_clip out and give a "
+        "fixed norm: clip C.")
 
 
 def eval_ids(num_clients: int, cfg: FedAvgConfig) -> list[int] | None:
@@ -386,6 +308,7 @@ def run_fedavg(
     else:
         state, result = resume.state, resume.result
         result.params = state["model"]
+        evaluations_as_scheduled(result, cfg)
     done = len(result.rounds)
 
     def evaluate(weights) -> dict[str, float]:
@@ -406,7 +329,7 @@ def run_fedavg(
                 on_start()
             # The schedule is a pure function of (seed, round), and so is every random number of a
             # round (keyed by the process's seed and state["round"]): resuming at round k draws the same.
-            for r, (sampled, _) in enumerate(sample_schedule(data.num_clients, cfg), start=1):
+            for r, sampled in enumerate(sample_schedule(data.num_clients, cfg), start=1):
                 if r <= done:
                     continue
                 clients = datasets.client_data(data, sampled)
@@ -416,7 +339,7 @@ def run_fedavg(
                 metrics = {"local_loss": out["loss"]}
                 metrics.update({k: out[k] for k in ("clip", "unclipped_fraction") if k in out})
                 eval_s = None
-                if r % cfg.eval_every == 0 or r == cfg.rounds:
+                if evaluates(r, cfg):
                     start = time.perf_counter()
                     metrics.update(evaluate(state["model"]))
                     eval_s = time.perf_counter() - start
@@ -430,6 +353,29 @@ def run_fedavg(
     except KeyboardInterrupt:
         raise Interrupted(result) from None
     return result
+
+
+#: The metrics an evaluation adds to a round's record.
+EVAL_KEYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+
+
+def evaluates(round_number: int, cfg: FedAvgConfig) -> bool:
+    """Whether round `round_number` ends with an evaluation: every `eval_every` rounds, and the last."""
+    return round_number % cfg.eval_every == 0 or round_number == cfg.rounds
+
+
+def evaluations_as_scheduled(result: RunResult, cfg: FedAvgConfig) -> None:
+    """Drops the evaluations `cfg` would not have made (in place).
+
+    A run extended on resume (`--rounds` raised) was evaluated after its old last round only
+    because it was the last; the longer run does not evaluate there (unless `eval_every` says
+    so), and the extended run's metrics are the longer run's. Evaluations never change the model.
+    """
+    for record in result.rounds:
+        if record.eval_s is not None and not evaluates(record.round, cfg):
+            for key in EVAL_KEYS:
+                record.metrics.pop(key, None)
+            record.eval_s = None
 
 
 def result_to_json(result: RunResult) -> dict:

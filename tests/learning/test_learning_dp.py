@@ -133,8 +133,13 @@ def test_dp_arguments_are_checked():
         learning.dp(-1.0, 10, clip=1.0)
     with pytest.raises(ValueError, match="clients_per_round"):
         learning.dp(1.0, 0, clip=1.0)
-    with pytest.raises(ValueError, match="2 \\* clipped_count_stddev > noise_multiplier"):
+    with pytest.raises(ValueError, match="2 \\* clipped_count_stddev > noise_multiplier") as e:
         learning.dp(1.0, 100, adaptive=True, clipped_count_stddev=0.4)
+    # The library's message names dp's keyword arguments (and what would do).
+    assert "lower noise_multiplier below 0.8, raise clipped_count_stddev= above 0.5" in str(e.value)
+    with pytest.raises(ValueError, match="clients_per_round / 20 = 8 / 20") as e:
+        learning.dp(1.0, 8, adaptive=True, clip=0.5)
+    assert "clients_per_round= above 10" in str(e.value) and "adaptive=False" in str(e.value)
     with pytest.raises(ValueError, match="uniform"):
         learning.fed_avg(model, 0.1, batch_size=2, aggregator=learning.dp(1.0, 10, clip=1.0),
                          client_weighting="num_examples")

@@ -133,9 +133,17 @@ def test_builtin_models_are_the_main_jobs():
         y = y % 4
         ws = [tf.constant(model.initial_weights()[n]) for n in spec.names]
         ours = model.masked_sums(ws, x, y, mask)
-        theirs = sim_models.masked_sums(spec, ws, x, y, mask)
-        assert float(ours[0]) == float(theirs[0]) and float(ours[2][0]) == float(theirs[1])
-        assert float(ours[1]) == float(theirs[2]) == 6.0
+        # The same sums in float64 numpy: softmax cross-entropy and correct predictions, real rows only.
+        w64 = [model.initial_weights()[n].astype(np.float64) for n in spec.names]
+        h = x.astype(np.float64)
+        if spec.name == "mlp":
+            h = np.maximum(h @ w64[0] + w64[1], 0.0)
+        z = h @ w64[-2] + w64[-1]
+        z = z - z.max(axis=1, keepdims=True)
+        losses = np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(y)), y]
+        np.testing.assert_allclose(float(ours[0]), float((mask * losses).sum()), rtol=1e-5)
+        assert float(ours[2][0]) == float((mask * (z.argmax(axis=1) == y)).sum())
+        assert float(ours[1]) == 6.0
 
 
 def test_evaluation_over_the_main_jobs_clients_matches_numpy(local, mp2):
