@@ -239,6 +239,11 @@ def _loop_plan(function: tfc.TensorFlowFunction, mask: tuple[bool, ...], reason:
 
 
 def _first_line(e: BaseException) -> str:
+    while isinstance(e, TypeError) and (e.__cause__ or e.__context__) is not None:
+        # pfor's error report itself fails on ops imported from a GraphDef (their traceback is
+        # None: "'NoneType' object is not iterable"), once per nested loop, hiding the
+        # conversion error it reported (e.g. a per-client Conv2D filter): report that one.
+        e = e.__cause__ or e.__context__
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("File ")]
     text = next((ln for ln in lines if "pfor" in ln or "expected to be loop invariant" in ln), None)
     text = text or (lines[-1] if lines else type(e).__name__)
@@ -467,7 +472,10 @@ class _quiet_pfor:
     class _Filter(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             msg = str(record.msg)
-            return not (msg.startswith("Got error while pfor") or msg.startswith("%s\ncreated at:"))
+            # (and its warning that a per-client Conv2D filter gradient would loop: the
+            # conversion then fails on the Conv2D itself, and the plan says so)
+            return not (msg.startswith("Got error while pfor") or msg.startswith("%s\ncreated at:")
+                        or msg.startswith("Conv2DBackpropFilter uses a while_loop"))
 
     def __enter__(self):
         self._filter = self._Filter()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -143,6 +145,38 @@ def test_local_training_vectorizes_without_a_fallback():
         for i in range(len(clients)):
             for got, want in zip(tf.nest.flatten(vectorized), tf.nest.flatten(looped[i])):
                 np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+
+
+def test_cnn_clients_run_on_the_loop_and_the_plan_says_why_once(monkeypatch, caplog):
+    """pfor converts a Conv2D only when its filter is the same for every client; in local
+    training each client's filters are its own, so a CNN's client update runs on the loop
+    (bitwise the same on any stack, as every loop plan). The plan is logged once, at DEBUG,
+    naming the op, not pfor's own failure to report it."""
+    monkeypatch.setenv("MP_EXECUTORS_CACHE_DIR", "off")  # decide now, not from an earlier run's stored plan
+    keras = tf.keras
+
+    def cnn():
+        keras.utils.set_random_seed(2)
+        return keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(2, 3, activation="relu"),
+                                 keras.layers.MaxPooling2D(2), keras.layers.Flatten(), keras.layers.Dense(3)])
+
+    model = learning.from_keras_model(
+        cnn, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        input_spec=(tf.TensorSpec([None, 6, 6, 1], tf.float32), tf.TensorSpec([None], tf.int32)))
+    rng = np.random.default_rng(0)
+    clients = [{"x": rng.normal(size=(8, 6, 6, 1)).astype(np.float32), "y": rng.integers(0, 3, 8).astype(np.int32)}
+               for _ in range(10)]
+    process = learning.fed_avg(model, 0.1, local_steps=2, batch_size=4)
+    caplog.set_level(logging.DEBUG, logger="mp_executors")
+    with mpx.local_executor_factory() as factory, mpx.execution_context(factory):
+        state = process.initialize()
+        for _ in range(2):
+            state, metrics = process.next(state, clients)
+    assert np.isfinite(metrics["loss"])
+    plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("map plan: client_update")]
+    assert len(plans) == 1, plans
+    assert "looped over clients" in plans[0] and "Conv2D" in plans[0] and "loop invariant" in plans[0], plans
+    assert not any("Fix that" in r.getMessage() for r in caplog.records)  # pfor's own warning is dropped
 
 
 def test_errors_are_clear_and_before_any_work(local):
