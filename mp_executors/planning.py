@@ -125,6 +125,10 @@ class WorkerSlot:
             # The parent's vectorized-map mode (executors/vectorized_map.py) when the pool
             # starts, so every worker decides as the parent's in-process shards would.
             "MP_EXECUTORS_VECTORIZE": os.environ.get("MP_EXECUTORS_VECTORIZE", "auto"),
+            # The parent's plan cache directory (executors/plan_cache.py), when it chose one:
+            # a Ray actor does not inherit the driver's environment.
+            **({"MP_EXECUTORS_CACHE_DIR": os.environ["MP_EXECUTORS_CACHE_DIR"]}
+               if "MP_EXECUTORS_CACHE_DIR" in os.environ else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:

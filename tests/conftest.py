@@ -18,10 +18,20 @@ it builds a factory of the same kind as ``factory``, caches it for the session
 and closes it at the end.
 """
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The persistent plan cache (executors/plan_cache.py) in a directory of this session only,
+# set before any factory or pool exists (workers take the parent's environment when they
+# start): tests never load a developer's cached plans, yet reuse the ones converted earlier
+# in the same run. Removed at exit.
+_PLAN_CACHE_DIR = tempfile.mkdtemp(prefix="mpx-test-plans-")
+os.environ["MP_EXECUTORS_CACHE_DIR"] = _PLAN_CACHE_DIR
+atexit.register(shutil.rmtree, _PLAN_CACHE_DIR, ignore_errors=True)
 
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402

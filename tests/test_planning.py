@@ -338,6 +338,8 @@ def test_slot_env():
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "TF_FORCE_GPU_ALLOW_GROWTH": "true",
         "MP_EXECUTORS_VECTORIZE": os.environ.get("MP_EXECUTORS_VECTORIZE", "auto"),
+        # tests/conftest.py sets the session's plan cache directory; slots forward it.
+        "MP_EXECUTORS_CACHE_DIR": os.environ["MP_EXECUTORS_CACHE_DIR"],
     }
     g = WorkerSlot(index=0, cpus=(0,), intra_op_threads=1, inter_op_threads=1, gpu="1")
     assert g.env()["CUDA_VISIBLE_DEVICES"] == "1"

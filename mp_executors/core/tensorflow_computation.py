@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,22 +217,30 @@ def parameter_names(fn) -> list[str] | None:
 # --------------------------------------------------------------------------- loading
 
 
+def import_graph(graph_def: bytes, input_names: Sequence[str], output_names: Sequence[str]):
+    """A serialized GraphDef (with its function library) imported into this process, as a callable.
+
+    `wrap_function` + `import_graph_def`, `prune`d to the named input and output tensors:
+    call it with one tensor per input name; it returns a list of the outputs. Later calls
+    run as fast as the function that was traced (FACTS.md).
+    """
+    parsed = tf.compat.v1.GraphDef.FromString(graph_def)
+
+    def importer():
+        tf.compat.v1.import_graph_def(parsed, name="")
+
+    wrapped = tf.compat.v1.wrap_function(importer, [])
+    g = wrapped.graph
+    return wrapped.prune([g.get_tensor_by_name(n) for n in input_names],
+                         [g.get_tensor_by_name(n) for n in output_names])
+
+
 class LoadedFunction:
     """A TensorFlowFunction imported into this process: call with flat leaves."""
 
     def __init__(self, function: TensorFlowFunction):
         self.function = function
-        graph_def = tf.compat.v1.GraphDef.FromString(function.graph_def)
-
-        def importer():
-            tf.compat.v1.import_graph_def(graph_def, name="")
-
-        wrapped = tf.compat.v1.wrap_function(importer, [])
-        g = wrapped.graph
-        self.pruned = wrapped.prune(
-            [g.get_tensor_by_name(n) for n in function.input_names],
-            [g.get_tensor_by_name(n) for n in function.output_names],
-        )
+        self.pruned = import_graph(function.graph_def, function.input_names, function.output_names)
         fn_type = function.type_signature
         self.parameter_leaves = [] if fn_type.parameter is None else structure.flatten_type(fn_type.parameter)
         self.result_leaves = structure.flatten_type(fn_type.result)

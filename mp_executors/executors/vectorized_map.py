@@ -14,6 +14,10 @@ Which one is a `MapPlan`, decided once per (computation digest, which columns ar
 stacked, leaf shapes, mode) and cached by a `MapPlans` whose owner is explicit: a worker
 process's `Worker` (for every shard it hosts), or the local factory (for its in-process
 shards). The decision is logged at DEBUG, with the reason when it falls back to the loop.
+Deciding costs ~0.2-2.5 s per computation (pfor's conversion, mostly) in every process that
+runs shards, so a `MapPlans` also keeps what it decided on disk (`plan_cache`: the vectorized
+run function's GraphDef, keyed by everything that decides it): a later process (the next
+pool's workers, a rerun) loads it in place of converting, and runs the same graph.
 
 Bitwise results. A per-client result of the vectorized path differs from the looped one in
 the last bits (other kernels), so what decides must not depend on how clients are split:
@@ -59,6 +63,7 @@ this needs (TF 2.14 has no TopKV2 converter, for one), maps simply loop.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -72,7 +77,7 @@ from mp_executors._tf import tf
 from mp_executors.core import structure
 from mp_executors.core import tensorflow_computation as tfc
 from mp_executors.core import types as t
-from mp_executors.executors import vectorized_random
+from mp_executors.executors import plan_cache, vectorized_random
 from mp_executors.executors.reduction_blocks import BLOCK_SIZE
 
 logger = logging.getLogger("mp_executors")
@@ -100,6 +105,9 @@ GROUP_SIZE = 128
 #: constant, not a share of this machine's memory, so G never depends on the pool.
 GROUP_BUDGET = 32 * 2**20
 
+#: How many map plans one owner (a worker process, the local factory) keeps (`MapPlans`).
+PLANS_PER_OWNER = 64
+
 if GROUP_SIZE % BLOCK_SIZE:
     raise AssertionError("GROUP_SIZE must be a multiple of BLOCK_SIZE")
 
@@ -123,7 +131,8 @@ class MapPlan:
 
     `run(mapped, fixed)` takes the stacked tensors (leading client axis) and the shared
     (Broadcast) tensors, in the order of the parameter's leaves, and returns the stacked
-    result leaves. `group_size` is 0 for the loop; `reason` says why this path was taken.
+    result leaves. `group_size` is 0 for the loop; `reason` says why this path was taken;
+    `cached` whether the decision (and a vectorized run function) came from the plan cache.
     """
 
     name: str
@@ -132,10 +141,12 @@ class MapPlan:
     group_size: int
     reason: str
     run: Callable[[list, list], list]
+    cached: bool = False
 
     def describe(self) -> str:
         path = f"vectorized in groups of {self.group_size}" if self.vectorized else "looped over clients"
-        return f"{self.name} ({self.digest[:12]}): {path} ({self.reason})"
+        source = "; from the plan cache" if self.cached else ""
+        return f"{self.name} ({self.digest[:12]}): {path} ({self.reason}{source})"
 
 
 class MapPlans:
@@ -143,25 +154,56 @@ class MapPlans:
 
     Keyed by (computation digest, stacked mask, leaf shapes, mode); built on first use
     (tracing, and for a vectorized plan pfor's conversion, happen once) and kept as long
-    as the owner. Shards of calls made from several threads may share one.
+    as the owner, at most `capacity` of them (least recently used dropped first: a program
+    that makes a new computation every round cannot grow a worker without bound). Shards
+    of calls made from several threads may share one.
+
+    `cache`: the persistent plan cache consulted before converting and written after
+    (`plan_cache`); default `PlanCache.from_env()` (`MP_EXECUTORS_CACHE_DIR`, read now).
     """
 
-    def __init__(self):
-        self._plans: dict[tuple, MapPlan] = {}
+    def __init__(self, cache: plan_cache.PlanCache | None = None, capacity: int = PLANS_PER_OWNER):
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"MapPlans capacity must be an int >= 1, got {capacity!r}.")
+        self.capacity = capacity
+        self._plans: collections.OrderedDict[tuple, MapPlan] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self.cache = cache if cache is not None else plan_cache.PlanCache.from_env()
 
     def get(self, function: tfc.TensorFlowFunction, mask: tuple[bool, ...]) -> MapPlan:
         mode = vectorize_mode()
         key = _plan_key(function, mask, mode)
-        plan = self._plans.get(key)
-        if plan is None:
-            with self._lock:
-                plan = self._plans.get(key)
-                if plan is None:
-                    plan = make_plan(function, mask, mode)
-                    logger.debug("map plan: %s", plan.describe())
-                    self._plans[key] = plan
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is None:
+                plan = self._make(function, mask, mode)
+                logger.debug("map plan: %s", plan.describe())
+                self._plans[key] = plan
+                while len(self._plans) > self.capacity:
+                    self._plans.popitem(last=False)
+            else:
+                self._plans.move_to_end(key)
         return plan
+
+    def _make(self, function: tfc.TensorFlowFunction, mask: tuple[bool, ...], mode: str) -> MapPlan:
+        """The plan from the persistent cache, or decided (and then stored there when worth it)."""
+        if mode == "off" or not self.cache.enabled:
+            return make_plan(function, mask, mode)
+        components = plan_cache.key_components(
+            plan_cache.computation_digest(function), mask, _leaf_shapes(function), mode,
+            GROUP_SIZE, GROUP_BUDGET, BLOCK_SIZE)
+        key = plan_cache.cache_key(components)
+        entry = self.cache.load(key)
+        if entry is not None:
+            try:
+                return _plan_from_entry(function, mask, entry)
+            except Exception as e:  # noqa: BLE001 - a stored graph TF cannot import: convert instead
+                logger.warning("plan cache: the entry for %s (%s) cannot be loaded (%s); converting again and "
+                               "replacing it.", function.name, self.cache.path(key), _first_line(e))
+        decision = _decide(function, mask, mode)
+        if decision.worth_caching:
+            self.cache.store(key, components, _entry(decision, key))
+        return decision.plan
 
     def demote(self, function: tfc.TensorFlowFunction, mask: tuple[bool, ...], reason: str) -> MapPlan:
         """Replaces a vectorized plan that failed at run time (but whose clients all run alone) by the loop."""
@@ -185,9 +227,12 @@ class MapPlans:
 
 
 def _plan_key(function: tfc.TensorFlowFunction, mask: tuple[bool, ...], mode: str) -> tuple:
+    return function.digest, mask, _leaf_shapes(function), mode
+
+
+def _leaf_shapes(function: tfc.TensorFlowFunction) -> tuple:
     fn_type = function.type_signature
-    shapes = tuple(tuple(lt.shape) for lt in _leaves(fn_type.parameter) + _leaves(fn_type.result))
-    return function.digest, mask, shapes, mode
+    return tuple(tuple(lt.shape) for lt in _leaves(fn_type.parameter) + _leaves(fn_type.result))
 
 
 def _leaves(type_spec: t.Type | None) -> list:
@@ -199,14 +244,33 @@ def _leaves(type_spec: t.Type | None) -> list:
 
 def make_plan(function: tfc.TensorFlowFunction, mask: tuple[bool, ...], mode: str) -> MapPlan:
     """Decides (and builds) how to run `function` over stacked columns; see the module docstring."""
+    return _decide(function, mask, mode).plan
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decision:
+    """A plan as `_decide` made it: for a vectorized one, its run function's GraphDef (for the cache).
+
+    `worth_caching`: deciding it took a conversion attempt (a vectorized plan, or a loop
+    decided only after trying), so that a later process would rather load it.
+    """
+
+    plan: MapPlan
+    worth_caching: bool = False
+    graph_def: Any = None
+    input_names: tuple[str, ...] = ()
+    output_names: tuple[str, ...] = ()
+
+
+def _decide(function: tfc.TensorFlowFunction, mask: tuple[bool, ...], mode: str) -> _Decision:
     if mode == "off":
-        return _loop_plan(function, mask, f"{ENV_VAR}=off")
+        return _Decision(_loop_plan(function, mask, f"{ENV_VAR}=off"))
     group, per_client = GROUP_SIZE, 0
     graph_def = tf.compat.v1.GraphDef.FromString(function.graph_def)
     if mode == "auto":
         reason = _stateful_reason(graph_def)
         if reason:
-            return _loop_plan(function, mask, reason)
+            return _Decision(_loop_plan(function, mask, reason))
     try:
         vectorized_random.register()
         library = _rebuild_library(graph_def)
@@ -214,24 +278,67 @@ def make_plan(function: tfc.TensorFlowFunction, mask: tuple[bool, ...], mode: st
             per_client = _working_set_bytes(function, library)
             group = _bounded_group(per_client)
             if group == 0:
-                return _loop_plan(function, mask, f"per-client working set ~{per_client / 2**20:.1f} MiB: a group "
-                                  f"of {BLOCK_SIZE} would exceed the {GROUP_BUDGET / 2**20:.0f} MiB budget")
+                return _Decision(_loop_plan(
+                    function, mask, f"per-client working set ~{per_client / 2**20:.1f} MiB: a group of "
+                    f"{BLOCK_SIZE} would exceed the {GROUP_BUDGET / 2**20:.0f} MiB budget"), worth_caching=True)
         with _quiet_pfor():
-            run, group_fn = _make_vectorized_map(function, graph_def, library, mask, group)
+            run = _make_vectorized_map(function, graph_def, library, mask, group)
             concrete = run.get_concrete_function()
     except Exception as e:  # noqa: BLE001 - any conversion failure means "loop", with its reason
         message = _first_line(e)
         if mode == "on":
             raise ValueError(f"{ENV_VAR}=on, but {function.name!r} cannot be vectorized: {message}") from e
-        return _loop_plan(function, mask, f"pfor cannot vectorize it: {message}")
+        return _Decision(_loop_plan(function, mask, f"pfor cannot vectorize it: {message}"), worth_caching=True)
+    # One GraphDef of the whole run function (its library holds the converted group
+    # function): checked here, and what the plan cache stores.
+    run_graph_def = concrete.graph.as_graph_def()
     if mode == "auto":
-        reason = _data_dependent_reason(group_fn)
+        reason = _data_dependent_reason(run_graph_def)
         if reason:
-            return _loop_plan(function, mask, reason)
+            return _Decision(_loop_plan(function, mask, reason), worth_caching=True)
     why = f"{ENV_VAR}=on" if mode == "on" else "no stateful ops or data-dependent control flow"
     if group < GROUP_SIZE:
         why += f"; lowered from {GROUP_SIZE}: ~{per_client / 2**20:.2f} MiB per client, budget {GROUP_BUDGET / 2**20:.0f} MiB"
-    return MapPlan(function.name, function.digest, True, group, why, concrete)
+    plan = MapPlan(function.name, function.digest, True, group, why, concrete)
+    if concrete.captured_inputs:  # not expected (the inputs are the only tensors): then not portable
+        return _Decision(plan)
+    return _Decision(plan, True, run_graph_def, tuple(x.name for x in concrete.inputs),
+                     tuple(x.name for x in concrete.outputs))
+
+
+def _entry(decision: _Decision, key: str) -> plan_cache.Entry:
+    """The cache entry of a decision; a vectorized run function's library renamed for this key.
+
+    The stored function names (`while_body_155`, `__inference_run_88`) come from the process
+    that converted; another process importing them may already hold functions of those
+    names (its own traces). Suffixing them with the key makes them unique per plan (two
+    loads of one key define identical functions, which TensorFlow accepts).
+    """
+    plan = decision.plan
+    if not plan.vectorized:
+        return plan_cache.Entry(False, 0, plan.reason)
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.CopyFrom(decision.graph_def)
+    renames = {f.signature.name: f"{f.signature.name}_plan_{key[:16]}" for f in graph_def.library.function}
+    for fdef in graph_def.library.function:
+        fdef.signature.name = renames[fdef.signature.name]
+        for node in fdef.node_def:
+            _rename_refs(node, renames)
+    for node in graph_def.node:
+        _rename_refs(node, renames)
+    return plan_cache.Entry(True, plan.group_size, plan.reason, graph_def.SerializeToString(),
+                            decision.input_names, decision.output_names)
+
+
+def _plan_from_entry(function: tfc.TensorFlowFunction, mask: tuple[bool, ...], entry: plan_cache.Entry) -> MapPlan:
+    if not entry.vectorized:
+        return dataclasses.replace(_loop_plan(function, mask, entry.reason), cached=True)
+    pruned = tfc.import_graph(entry.graph_def, entry.input_names, entry.output_names)
+
+    def run(mapped: list, fixed: list) -> list:
+        return pruned(*mapped, *fixed)
+
+    return MapPlan(function.name, function.digest, True, entry.group_size, entry.reason, run, cached=True)
 
 
 def _loop_plan(function: tfc.TensorFlowFunction, mask: tuple[bool, ...], reason: str) -> MapPlan:
@@ -268,9 +375,8 @@ def _stateful_reason(graph_def) -> str | None:
     return None
 
 
-def _data_dependent_reason(concrete) -> str | None:
+def _data_dependent_reason(graph_def) -> str | None:
     """Whether pfor split the group by value (a data-dependent loop trip count or cond)."""
-    graph_def = concrete.graph.as_graph_def()
     # pfor converts a while loop whose condition, or a cond whose predicate, depends on the
     # client into a partition of the group's indices by value (DynamicPartition): the body
     # then runs on however many clients are still active, shapes that depend on the
@@ -432,7 +538,7 @@ def _make_vectorized_map(function: tfc.TensorFlowFunction, graph_def, library: _
 
     # Traced (and converted by pfor) here, once, for exactly [group, ...] shapes. Calling
     # it from the loop below as a function of its own measured ~2x faster than inlining
-    # the vectorized_map into the loop body.
+    # the vectorized_map into the loop body. (It is in the run function's library.)
     group_fn = vectorized_group.get_concrete_function(group_specs, fixed_specs)
 
     @tf.function(input_signature=[mapped_specs, fixed_specs], autograph=False)
@@ -463,7 +569,7 @@ def _make_vectorized_map(function: tfc.TensorFlowFunction, graph_def, library: _
         _, arrays = tf.while_loop(lambda g, _: g < groups, body, (tf.constant(0), arrays), parallel_iterations=2)
         return [a.concat()[:n] for a in arrays]
 
-    return run, group_fn
+    return run
 
 
 class _quiet_pfor:
