@@ -10,7 +10,8 @@
 It builds the factory the flags ask for, runs `program.run_fedavg` with a progress display and
 a checkpoint (`checkpoint.save`) every `--checkpoint-every` rounds, writes the outputs
 (`outputs.write_outputs`) and prints the summary table. `--resume DIR` restores the flags that
-decide the numbers from DIR's checkpoint (refusing any that contradict it) and continues.
+decide the numbers from DIR's checkpoint (refusing any that contradict it, except `--rounds`:
+RESUMABLE_FLAGS) and continues, to the checkpointed total or to the `--rounds` given.
 Ctrl-C writes the finished rounds' outputs and ends with one line, exit code 130. The argument
 definitions live here too, so `cli.py` only registers the subcommand.
 """
