@@ -24,7 +24,8 @@ from mp_executors.core import building_blocks as bb
 from mp_executors.executors import shard_requests as rq
 from mp_executors.executors.client_shard import ClientDataCache, ClientShard
 from mp_executors.executors.eager_tf_executor import EagerTFExecutor
-from mp_executors.executors.federating_executor import FederatingExecutor, InProcessShard
+from mp_executors.executors.federating_executor import FederatingExecutor
+from mp_executors.executors.in_process_shard import InProcessShard
 from mp_executors.workers import worker
 
 F32 = mpx.TensorType(np.float32)

@@ -159,7 +159,9 @@ class Batched:
 
     def tensor(self, dtype) -> Any:
         if self._tensor is None or self._tensor.dtype != dtype:
-            self._tensor = tf.convert_to_tensor(self._array, dtype)
+            # `self.array`, not `_array`: a column cached for two executors' shards may be
+            # converted by two threads at once, and the other may have just dropped `_array`.
+            self._tensor = tf.convert_to_tensor(self.array, dtype)
             # One copy is enough: `.numpy()` of a CPU tensor shares its buffer.
             self._array = None if self._tensor.device.endswith("CPU:0") else self._array
         return self._tensor

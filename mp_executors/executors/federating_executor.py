@@ -15,7 +15,7 @@ holds a handle, and each intrinsic is ONE request per shard:
 
 Each request is one of the named types of `shard_requests` (Put, Map,
 Reduce, ...). The shards are given as `ShardTarget`s (the protocol below):
-`InProcessShard` here, the worker pool's `RemoteShard` proxies in
+`in_process_shard.InProcessShard`, the worker pool's `RemoteShard` proxies in
 `mp_executors.workers`. An intrinsic's requests are prepared for every shard
 (which may set resources aside, e.g. shared memory) and then sent, with no
 await in between; whatever was prepared for a request that is not sent (bad
@@ -40,11 +40,10 @@ from mp_executors.core import types as t
 from mp_executors.core.client_data import ClientData
 from mp_executors.core.structure import Struct
 from mp_executors.executors import shard_requests as rq
-from mp_executors.executors.client_shard import ClientDataCache, ClientShard, merge_partials
+from mp_executors.executors.client_shard import merge_partials
 from mp_executors.executors.eager_tf_executor import EagerTFExecutor, EagerValue
 from mp_executors.executors.executor_base import Executor, ExecutorValue, element_items
 from mp_executors.executors.reference_resolving_executor import ReferenceResolvingExecutor
-from mp_executors.executors.vectorized_map import MapPlans
 
 
 class ShardTarget(Protocol):
@@ -70,41 +69,6 @@ class ShardTarget(Protocol):
         """
 
     def close(self) -> None: ...
-
-
-class InProcessShard:
-    """A ClientShard in this process (the local stack's shard target).
-
-    `client_data` is the ClientData cache and `map_plans` the map plans its
-    owner (the local factory) shares among all its shards; without them, the
-    shard has its own.
-    """
-
-    def __init__(self, start: int, stop: int, device: str | None = None,
-                 client_data: ClientDataCache | None = None, map_plans: MapPlans | None = None):
-        self.start, self.stop = start, stop
-        self.shard = ClientShard(start, stop, device, client_data if client_data is not None else ClientDataCache(),
-                                 map_plans)
-
-    def prepare(self, request: rq.ShardRequest) -> rq.ShardRequest:
-        return request
-
-    def discard(self, request: rq.ShardRequest) -> None:
-        pass
-
-    def send(self, releases: tuple[int, ...], request: rq.ShardRequest) -> asyncio.Future:
-        # The work runs now, on the caller's thread (as the tasks of a gather would).
-        reply = asyncio.get_running_loop().create_future()
-        try:
-            if releases:
-                self.shard.release(releases)
-            reply.set_result(self.shard.run(request))
-        except Exception as e:  # noqa: BLE001 - the reply carries it, as a worker's would
-            reply.set_exception(e)
-        return reply
-
-    def close(self) -> None:
-        self.shard.close()
 
 
 class FederatedValue(ExecutorValue):
