@@ -95,6 +95,27 @@ def test_tf_computation_multiple_positional_parameters(factory):
             combine(2.0, 3, [1.0, 0.5], 4.0)  # too many
 
 
+def test_tf_computation_body_is_converted_by_autograph(factory):
+    # The user's body (and what it calls) goes through AutoGraph: Python `if`/`for` on
+    # tensors become graph control flow (the runtime's own packing around it does not).
+    def clipped(v):
+        if tf.reduce_sum(v) > 1.0:
+            v = v / tf.reduce_sum(v)
+        return v
+
+    @mpx.tf_computation(mpx.TensorType(np.float32, [2]), np.int32)
+    def halve_n_times(x, n):
+        for _ in tf.range(n):
+            x = x / 2.0
+        return clipped(x), {"n": n}
+
+    with mpx.execution_context(factory):
+        small, big = halve_n_times(np.array([1.0, 2.0], np.float32), 3), halve_n_times(np.array([8.0, 8.0], np.float32), 1)
+    np.testing.assert_allclose(small[0], [0.125, 0.25])
+    np.testing.assert_allclose(big[0], [0.5, 0.5])
+    assert small[1]["n"] == 3
+
+
 def test_tf_computation_called_in_plain_python(factory):
     add_one = add_one_f32()
     with mpx.execution_context(factory):

@@ -162,23 +162,31 @@ def trace(fn, parameter_type: t.Type | None, unpack: bool, name: str | None = No
     specs = [_placeholder_spec(lt) for lt in leaf_types]
     result_holder: dict[str, Any] = {}
 
-    def flat_body(*flat):
+    # AutoGraph converts the user's `fn` (and what it calls), not our packing around it:
+    # that has no tensor-dependent control flow, and converting it, with the structure
+    # code it calls, cost ~1 s of the first trace in each process.
+    @tf.autograph.experimental.do_not_convert
+    def user_arguments(flat) -> list:
         leaves = []
         for lt, x in zip(leaf_types, flat):
             if isinstance(lt, t.SequenceType):
                 x = tf.data.experimental.from_variant(x, element_spec(lt.element))
             leaves.append(x)
         if parameter_type is None:
-            result = fn()
-        else:
-            packed = structure.pack_type(parameter_type, leaves)
-            if unpack:
-                result = fn(*[_to_user_value(v, e) for v, e in zip(packed, parameter_type)])
-            else:
-                result = fn(_to_user_value(packed, parameter_type))
+            return []
+        packed = structure.pack_type(parameter_type, leaves)
+        if unpack:
+            return [_to_user_value(v, e) for v, e in zip(packed, parameter_type)]
+        return [_to_user_value(packed, parameter_type)]
+
+    @tf.autograph.experimental.do_not_convert
+    def flat_result(result) -> list:
         result_type, out = _result_leaves(result, "result")
         result_holder["type"] = result_type
         return [tf.identity(o) for o in out]
+
+    def flat_body(*flat):
+        return flat_result(fn(*user_arguments(flat)))
 
     with _trace_lock:
         graph_fn = tf.function(flat_body, input_signature=specs, autograph=True)
