@@ -2,16 +2,21 @@
 
 Data flow (one intrinsic, e.g. `federated_map` over 1000 clients, 2 workers):
 
-    parent process                                          worker processes
-    --------------                                          ----------------
-    FederatingExecutor                                      slot 0: CPUs {0}
-      |  one request per shard (shard_requests.Map, ...)    +--------------------------+
-      v  prepare all, then send all                         | worker.handle -> Worker  |
-    RemoteShard(slot 0) --submit--> loky executor 0 --pipe->|   ClientShard [0,504)    |
-    RemoteShard(slot 1) --submit--> loky executor 1 --pipe->|   values by handle,      |
-      ^                                                     |   functions by digest    |
-      |  partials / acks (small)                            +--------------------------+
-      +---- reply future <---- done callback <---- result pipe <-- slot 1: CPUs {1} ...
+    parent process                                            worker processes
+    --------------                                            ----------------
+    FederatingExecutor                                        slot 0: CPUs {0}
+      |  one request per shard (shard_requests.Map, ...)      +--------------------------+
+      v  prepare all, then send all                           | worker.handle_batch      |
+    RemoteShard(slot 0) -> Outbox 0 --submit--> loky 0 -pipe->|  -> Worker, in order:    |
+    RemoteShard(slot 1) -> Outbox 1 --submit--> loky 1 -pipe->|   ClientShard [0,504)    |
+      ^          (at the event loop's next turn:              |   values by handle,      |
+      |           every request queued, one message)          |   functions by digest    |
+      |  partials / acks (small), one outcome per request     +--------------------------+
+      +---- reply futures <---- done callback <---- result pipe <-- slot 1: CPUs {1} ...
+
+    A round (put, broadcast, zip, map, and the mean that awaits them) is sent
+    without waiting in between, so it reaches each worker as ONE message
+    (`Outbox`), not five round trips.
 
     big CLIENTS arguments: `prepare` stacks each leaf into a /dev/shm segment
     leased from the slot's SegmentPool (transport); the request carries only
@@ -35,8 +40,9 @@ The moving parts:
   (whose process state, shards included, a `workers.service.Worker` owns):
   it implements the `ShardTarget` protocol of the FederatingExecutor, so the
   federating layer is the same code for the in-process and the pooled stack.
-  It counts its round trips (`WorkerPool.requests`), which is how the tests
-  check that messages are per worker, not per client.
+  It counts its requests (`WorkerPool.requests`; each slot's `Outbox` counts
+  the messages that carried them), which is how the tests check that
+  requests are per worker per intrinsic, not per client.
 - Ownership under concurrent calls. The factory owns the pool, and the pool
   uses the factory's one lock for its slot table and each slot's `holds`.
   A call that leases an executor holds the slots its shards live in until it
@@ -673,14 +679,22 @@ class Outbox:
                 o.reply.set_exception(outcomes[k][1])
 
     def _crash(self, batch: list[_Outgoing], number: int | None) -> WorkerCrashedError:
-        """The error for a message whose worker died: during which of its requests, if known."""
-        running = batch[0]
-        if number is not None and self._slot.segments is not None:
+        """The error for a message whose worker died: during which of its requests, if known.
+
+        Known from the slot's progress cell; a message the worker never reached is
+        named by its first request. Without a cell (a Ray actor: no shared memory
+        with its node), the phase names every kind of request the message held.
+        """
+        running, phase = batch[0], batch[0].verb
+        if self._slot.segments is None:
+            phase = "/".join(dict.fromkeys(o.verb for o in batch))
+        elif number is not None:
             seen, index = self._slot.segments.progress()[1].read()
             if seen == number and 0 <= index < len(batch):
                 running = batch[index]
+                phase = running.verb
         shard = running.shard
-        return shard.pool.crashed(self._slot, running.verb, (shard.start, shard.stop))
+        return shard.pool.crashed(self._slot, phase, (shard.start, shard.stop))
 
 
 def _set_exception(future: asyncio.Future, error: BaseException) -> None:

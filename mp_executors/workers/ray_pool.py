@@ -2,19 +2,19 @@
 
     parent process (Ray driver)                         Ray actors (any node)
     ---------------------------                         ---------------------
-    RemoteShard(slot 0) --submit--> RayWorkerSlot 0 --actor.run.remote(worker.handle, ...)-->  _WorkerActor 0
-    RemoteShard(slot 1) --submit--> RayWorkerSlot 1 --actor.run.remote(worker.handle, ...)-->  _WorkerActor 1
+    RemoteShard(slot 0) --submit--> RayWorkerSlot 0 --actor.run.remote(worker.handle_batch, ...)-->  _WorkerActor 0
+    RemoteShard(slot 1) --submit--> RayWorkerSlot 1 --actor.run.remote(worker.handle_batch, ...)-->  _WorkerActor 1
           ^                                   |                                                 ClientShards,
           +---- concurrent future <-- ObjectRef.future() <-- (ok, result) | (False, exception)   values by handle
 
 `RayWorkerPool` is the `WorkerPool` of `workers.pool` with one override:
 `_new_slot` starts a Ray actor instead of a loky process. Everything else
-(shards, one round trip per worker per intrinsic, compiled functions sent
+(shards, one message per worker per event-loop turn, compiled functions sent
 once, crash -> `WorkerCrashedError` -> retry on a replaced actor) is the
 pool's own code. Each actor hosts the transport-agnostic `workers.worker`
 service: its constructor calls `worker.initialize` (which creates the actor
 process's `service.Worker`, owner of its shards and functions), and its one method runs
-`worker.handle` / `open_shard` / `report` / ... in the actor process, in
+`worker.handle_batch` / `open_shard` / `report` / ... in the actor process, in
 submission order (a Ray actor runs one call at a time).
 
 Differences from the loky slots:
