@@ -1,8 +1,8 @@
 """`ClientShard`: the values of a contiguous range of clients, and the
 per-shard half of every intrinsic.
 
-The same class runs in-process (under `local_executor_factory`, one shard per
-group of at most `max_fanout` clients) and inside every worker process (under
+The same class runs in-process (under `local_executor_factory`, in an
+`InProcessShard` per range of clients: `factories.local.shard_ranges`) and inside every worker process (under
 `mp_executor_factory`, one shard per worker). Because both stacks run this
 code, and reductions are done in a fixed order, the results are bitwise the
 same whatever the number of shards. A shard answers the requests of the
