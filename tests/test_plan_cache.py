@@ -70,7 +70,8 @@ def _plans(factory) -> list[str]:
 
 
 def _entries(directory) -> list:
-    return sorted(p.name for p in directory.iterdir())
+    """The plan files (the `locks` directory aside)."""
+    return sorted(p.name for p in directory.iterdir() if p.is_file())
 
 
 def _assert_bitwise(a: list, b: list) -> None:
@@ -118,8 +119,13 @@ def test_pool_workers_store_then_load_the_same_bits(tmp_path, monkeypatch, conve
         cold_results, cold_plans = _round(cold), _plans(cold)
     finally:
         cold.close()
-    # Both workers converted the same computations and wrote the same keys concurrently.
-    assert cold_plans and not any("plan cache" in p for p in cold_plans)
+    # Both workers got the same computations at once: for each, one converted (holding its
+    # key's lock) and stored it, the other waited and loaded it.
+    assert cold_plans and len(cold_plans) % 2 == 0
+    by_digest: dict[str, list[bool]] = {}
+    for line in cold_plans:
+        by_digest.setdefault(line.split("(")[1].split(")")[0], []).append("from the plan cache" in line)
+    assert all(sorted(loaded) == [False, True] for loaded in by_digest.values()), cold_plans
     stored = _entries(tmp_path)
     assert len(stored) == len(cold_plans) // 2 and all(n.endswith(".plan") for n in stored), stored
     for name in stored:
@@ -144,8 +150,8 @@ def _stacked(n: int = 9) -> tuple[list, list]:
 
 
 def _only_entry(directory):
-    (entry,) = directory.iterdir()
-    return entry
+    (name,) = _entries(directory)
+    return directory / name
 
 
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "not a plan", "graph TF cannot import"])
@@ -236,6 +242,35 @@ def test_two_traces_of_one_computation_share_a_computation_digest():
     assert f1.digest != f2.digest
     assert plan_cache.computation_digest(f1) == plan_cache.computation_digest(f2)
     assert plan_cache.computation_digest(f1) != plan_cache.computation_digest(squash.building_block.function)
+
+
+def test_one_converts_a_key_while_the_others_wait_then_load(tmp_path):
+    function, mask = _function(squash)
+    key, _ = vm.cache_key(function, mask, "auto")
+    scratch = tmp_path / "scratch"
+    vm.MapPlans(plan_cache.PlanCache(scratch)).get(function, mask)  # the entry another process would store
+    got: list = []
+    waiter = threading.Thread(target=lambda: got.append(vm.MapPlans(plan_cache.PlanCache(tmp_path)).get(function, mask)))
+    with plan_cache.PlanCache(tmp_path).lock(key) as held:  # "another process" is converting this key
+        assert held
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive()  # waiting for the lock, not converting
+        (scratch / f"{key}.plan").rename(tmp_path / f"{key}.plan")  # ... which it then stores
+    waiter.join(60)
+    assert got and got[0].cached and got[0].vectorized
+
+
+def test_a_lock_held_too_long_means_converting_anyway(tmp_path, caplog):
+    cache = plan_cache.PlanCache(tmp_path)
+    with cache.lock("k" * 64) as first, caplog.at_level(logging.WARNING, logger="mp_executors"):
+        with cache.lock("k" * 64, timeout=0.1) as second:
+            assert first and not second
+    assert "converting it here too" in caplog.text
+    with cache.lock("k" * 64) as again:  # released
+        assert again
+    with plan_cache.PlanCache(None).lock("k" * 64) as disabled:
+        assert not disabled
 
 
 def test_concurrent_writers_leave_one_valid_entry(tmp_path, caplog):

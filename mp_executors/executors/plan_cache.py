@@ -30,9 +30,18 @@ What is cached: vectorized plans (their run function), and loop decisions reache
 trying to convert (pfor could not, data-dependent control flow, a working set over budget),
 which are as costly to re-decide. Decisions that cost nothing (stateful ops, `off`) are not.
 
+One converter per key: the workers of a pool get the same computation at the same moment;
+converting it in each of them costs the machine a conversion per worker (on 2 busy cores,
+measured: round 1 of the default job ~2x slower on the pool than in-process). So a process
+that finds no entry takes an exclusive lock on the key (`flock` on `<dir>/locks/<key>.lock`;
+the kernel releases it if the process dies) before converting, and looks again once it has
+it: the first converts and stores, the others wait and load. A wait over
+`LOCK_TIMEOUT_S` (a stuck converter), or a file system without locks, means converting
+without the lock, as with no cache.
+
 Robustness: a write goes to a temporary file in the same directory, then `os.replace`, so a
-reader sees a whole entry or none, and concurrent writers of one key (two workers converting
-the same computation) leave one valid entry. A read checks the magic, the checksum, the
+reader sees a whole entry or none, and concurrent writers of one key (two processes that
+converted the same computation) leave one valid entry. A read checks the magic, the checksum, the
 format and that the header's key is the one asked for; an entry that fails (truncated,
 corrupt, unreadable, or one TensorFlow then cannot import) is ignored with a WARNING and the
 plan is rebuilt and rewritten. A directory that cannot be created or written means no caching
@@ -43,6 +52,7 @@ directory to reclaim its space (a plan is ~10-500 KB).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -54,9 +64,16 @@ import re
 import struct
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from mp_executors._tf import tf
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: conversions there are not serialized across processes
+    fcntl = None
 
 logger = logging.getLogger("mp_executors")
 
@@ -68,6 +85,10 @@ FORMAT_VERSION = 1
 MAGIC = b"MPXPLAN\n"
 _HEADER_LEN = struct.Struct("<I")
 _CHECKSUM_BYTES = 32
+
+#: How long a process waits for another one converting the same key before converting itself.
+LOCK_TIMEOUT_S = 60.0
+_LOCK_POLL_S = 0.01
 
 #: The modules whose code decides what a plan is (see the module docstring).
 _PLANNING_MODULES = ("plan_cache.py", "vectorized_map.py", "vectorized_random.py")
@@ -166,6 +187,45 @@ class PlanCache:
                     os.unlink(tmp)
                 except OSError:
                     pass
+
+    @contextlib.contextmanager
+    def lock(self, key: str, timeout: float = LOCK_TIMEOUT_S) -> Iterator[bool]:
+        """Holds the exclusive cross-process lock of `key` (yields True), or yields False without one.
+
+        Without one: the cache is disabled, the platform or file system has no `flock`,
+        the directory is unusable, or another process held the lock for over `timeout` s.
+        """
+        if self.directory is None or fcntl is None:
+            yield False
+            return
+        try:
+            locks = self.directory / "locks"
+            locks.mkdir(parents=True, exist_ok=True)
+            fd = os.open(locks / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            self._log_unwritable(e)
+            yield False
+            return
+        try:
+            yield self._acquire(fd, key, timeout)
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _acquire(fd: int, key: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    logger.warning("plan cache: another process has been converting plan %s for over %.0f s; "
+                                   "converting it here too.", key[:16], timeout)
+                    return False
+                time.sleep(_LOCK_POLL_S)
+            except OSError:  # a file system without locks
+                return False
 
     def _log_unwritable(self, error: OSError) -> None:
         with self._lock:

@@ -189,21 +189,33 @@ class MapPlans:
         """The plan from the persistent cache, or decided (and then stored there when worth it)."""
         if mode == "off" or not self.cache.enabled:
             return make_plan(function, mask, mode)
-        components = plan_cache.key_components(
-            plan_cache.computation_digest(function), mask, _leaf_shapes(function), mode,
-            GROUP_SIZE, GROUP_BUDGET, BLOCK_SIZE)
-        key = plan_cache.cache_key(components)
+        key, components = cache_key(function, mask, mode)
+        plan, found = self._cached(function, mask, key)
+        if plan is not None:
+            return plan
+        # One process converts a key at a time (the workers of a pool get it together); the
+        # others wait, then load what it stored (`plan_cache`, "One converter per key").
+        with self.cache.lock(key):
+            if not found:
+                plan, _ = self._cached(function, mask, key)
+                if plan is not None:
+                    return plan
+            decision = _decide(function, mask, mode)
+            if decision.worth_caching:
+                self.cache.store(key, components, _entry(decision, key))
+            return decision.plan
+
+    def _cached(self, function: tfc.TensorFlowFunction, mask: tuple[bool, ...], key: str) -> tuple[MapPlan | None, bool]:
+        """(the plan stored under `key` or None, whether an entry was there, even one refused)."""
         entry = self.cache.load(key)
-        if entry is not None:
-            try:
-                return _plan_from_entry(function, mask, entry)
-            except Exception as e:  # noqa: BLE001 - a stored graph TF cannot import: convert instead
-                logger.warning("plan cache: the entry for %s (%s) cannot be loaded (%s); converting again and "
-                               "replacing it.", function.name, self.cache.path(key), _first_line(e))
-        decision = _decide(function, mask, mode)
-        if decision.worth_caching:
-            self.cache.store(key, components, _entry(decision, key))
-        return decision.plan
+        if entry is None:
+            return None, self.cache.path(key).exists()
+        try:
+            return _plan_from_entry(function, mask, entry), True
+        except Exception as e:  # noqa: BLE001 - a stored graph TF cannot import: convert instead
+            logger.warning("plan cache: the entry for %s (%s) cannot be loaded (%s); converting again and "
+                           "replacing it.", function.name, self.cache.path(key), _first_line(e))
+            return None, True
 
     def demote(self, function: tfc.TensorFlowFunction, mask: tuple[bool, ...], reason: str) -> MapPlan:
         """Replaces a vectorized plan that failed at run time (but whose clients all run alone) by the loop."""
@@ -224,6 +236,13 @@ class MapPlans:
 
     def __len__(self) -> int:
         return len(self._plans)
+
+
+def cache_key(function: tfc.TensorFlowFunction, mask: tuple[bool, ...], mode: str) -> tuple[str, dict[str, Any]]:
+    """The plan cache's key for this plan, and its components (`plan_cache.key_components`)."""
+    components = plan_cache.key_components(plan_cache.computation_digest(function), mask, _leaf_shapes(function),
+                                           mode, GROUP_SIZE, GROUP_BUDGET, BLOCK_SIZE)
+    return plan_cache.cache_key(components), components
 
 
 def _plan_key(function: tfc.TensorFlowFunction, mask: tuple[bool, ...], mode: str) -> tuple:
