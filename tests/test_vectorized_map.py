@@ -226,7 +226,6 @@ def test_group_size_does_not_change_a_clients_bits(results, monkeypatch, group):
     # Groups of 8 or 16 over shards of 10 and 1 clients: several groups per shard, padded
     # last groups, each client at another position with other neighbours than with 128.
     monkeypatch.setattr(vm, "GROUP_SIZE", group)
-    monkeypatch.setattr(vm, "MIN_GROUP", group)
     with _factory("local") as factory, mpx.execution_context(factory):
         per_client, total = mixed_map(XS)
         nested_out = nested_map(W0, XS)
@@ -239,15 +238,7 @@ def test_group_is_bounded_by_the_working_set():
     assert vm._bounded_group(1) == vm.GROUP_SIZE
     assert vm._bounded_group(vm.GROUP_BUDGET // 40) == 32  # the largest BLOCK_SIZE x 2^k that fits
     assert vm._bounded_group(vm.GROUP_BUDGET // 8) == 8
-    assert vm._bounded_group(vm.GROUP_BUDGET // 7) == 0  # not even one block
-
-
-def test_fedavgs_big_clients_are_looped(results):
-    # FedAvg's client (~1 MiB of tensors) would need groups of 32 to fit (< MIN_GROUP): it loops,
-    # where it is faster at every shard size (vectorized_map.MIN_GROUP).
-    for kind in KINDS:
-        got = _plan_for(results[kind]["plans"], "fedavg_client_update")
-        assert got and all("looped over clients" in p and "working set" in p for p in got), results[kind]["plans"]
+    assert vm._bounded_group(vm.GROUP_BUDGET // 7) == 0  # not even one block: the loop
 
 
 def test_a_computation_too_big_for_a_group_is_looped(monkeypatch):

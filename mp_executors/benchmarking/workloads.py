@@ -46,7 +46,7 @@ def softmax_steps(w, b, x, y):
 
 
 @mpx.tf_computation(MODEL_TYPE, DATA_TYPE)
-def fedavg_client_update(model, data):
+def client_update(model, data):
     w, b = softmax_steps(model.w, model.b, data.x, data.y)
     return {"w": w, "b": b}
 
@@ -54,7 +54,7 @@ def fedavg_client_update(model, data):
 @mpx.federated_computation(mpx.FederatedType(MODEL_TYPE, mpx.SERVER),
                            mpx.FederatedType(DATA_TYPE, mpx.CLIENTS))
 def fedavg_round(model, data):
-    local = mpx.federated_map(fedavg_client_update, (mpx.federated_broadcast(model), data))
+    local = mpx.federated_map(client_update, (mpx.federated_broadcast(model), data))
     return mpx.federated_mean(local)
 
 

@@ -47,10 +47,10 @@ seen so far: the plan-time checks are meant to exclude it) is looped from then o
 process, with a WARNING that results may then differ in the last bits between stacks.
 
 Memory (and cache): a vectorized group materializes every intermediate tensor for G
-clients at once. G is lowered (to a power of two) so that G x the per-client working set
-(the static sizes of every tensor in the traced per-client graph, loop bodies counted once)
-stays under `GROUP_BUDGET`; a computation that would need a group smaller than `MIN_GROUP`
-is looped (its ops are large enough that the loop's per-op cost does not matter). At most two groups are alive at a time, so a shard of
+clients at once. G is lowered (to BLOCK_SIZE x a power of two) so that G x the per-client
+working set (the static sizes of every tensor in the traced per-client graph, loop bodies
+counted once) stays under `GROUP_BUDGET`; a computation whose working set exceeds it even
+for BLOCK_SIZE clients is looped. At most two groups are alive at a time, so a shard of
 10,000 FedAvg clients costs its outputs plus two groups, not 10,000 clients' intermediates.
 
 `MP_EXECUTORS_VECTORIZE` (read when a plan is made, in the process that runs the shard;
@@ -99,20 +99,11 @@ MODES = ("auto", "on", "off")
 GROUP_SIZE = 128
 
 #: A group's working set (G x the per-client estimate) stays under this: 32 MiB leaves
-#: small models at G=64-128 and loops FedAvg's ~1 MiB clients (MIN_GROUP). It also bounds memory:
+#: small models at G=128 and FedAvg's clients at G=32 (cache-sized). It also bounds memory:
 #: at most two groups are alive at a time (a shard's cost is its outputs plus two groups),
 #: so a shard of 10,000 FedAvg clients needs no more working memory than a shard of 100. A runtime
 #: constant, not a share of this machine's memory, so G never depends on the pool.
 GROUP_BUDGET = 32 * 2**20
-
-#: The smallest group a computation is vectorized in; one that needs a smaller group to fit
-#: GROUP_BUDGET is looped. Such a client (> 0.5 MiB of tensors) runs ops large enough to
-#: amortize the loop's per-op cost, so vectorizing gains little, while padding a shard's last
-#: group costs. Measured (2 workers): FedAvg's client (784->10, 100 full-batch examples; G=32
-#: fits) looped takes 8.5-10 / 30-32 / 276-279 ms a round at 10 / 100 / 1,000 clients,
-#: vectorized in groups of 32 26-29 / 43-51 / 294-325 ms; the main job's client (~0.4 MiB,
-#: G=64) is 3-5x faster vectorized.
-MIN_GROUP = 64
 
 #: How many map plans one owner (a worker process, the local factory) keeps (`MapPlans`).
 PLANS_PER_OWNER = 64
@@ -305,11 +296,10 @@ def _decide(function: tfc.TensorFlowFunction, mask: tuple[bool, ...], mode: str)
         if mode == "auto":
             per_client = _working_set_bytes(function, library)
             group = _bounded_group(per_client)
-            if group < MIN_GROUP:
+            if group == 0:
                 return _Decision(_loop_plan(
-                    function, mask, f"per-client working set ~{per_client / 2**20:.2f} MiB: a group of "
-                    f"{MIN_GROUP} would exceed the {GROUP_BUDGET / 2**20:.0f} MiB budget, and a client this "
-                    "big amortizes the loop's per-op cost"), worth_caching=True)
+                    function, mask, f"per-client working set ~{per_client / 2**20:.1f} MiB: a group of "
+                    f"{BLOCK_SIZE} would exceed the {GROUP_BUDGET / 2**20:.0f} MiB budget"), worth_caching=True)
         with _quiet_pfor():
             run = _make_vectorized_map(function, graph_def, library, mask, group)
             concrete = run.get_concrete_function()
