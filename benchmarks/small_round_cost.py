@@ -47,11 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     n = args.clients
 
-    clients = [W.make_small_client(i) for i in range(n)]
-    ids = tf.constant(np.arange(n, dtype=np.int32))
-    xs = tf.constant(np.stack([c["x"] for c in clients]))
-    ys = tf.constant(np.stack([c["y"] for c in clients]))
-    del clients
+    ids, xs, ys = W.stacked_small_clients(n)
     floor_round = W.small_floor_round_fn()
     resident = mpx.ClientData(W.make_small_client, list(range(n)), W.SMALL_DATA_TYPE)
 

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from mp_executors._tf import tf  # the quiet import
 from mp_executors.benchmarking import workloads as W
 
 logger = logging.getLogger("mp_executors")
@@ -106,12 +105,7 @@ def parse_output(text: str, clients: list[int], rounds: int) -> tuple[list[dict]
 
 def reference_model(clients: int, rounds: int) -> tuple[np.ndarray, np.ndarray]:
     """The global model after `rounds` FedAvg rounds from zeros, by TensorFlow (the floor's graph)."""
-    xs = np.empty((clients, W.EXAMPLES, W.FEATURES), np.float32)
-    ys = np.empty((clients, W.EXAMPLES), np.int32)
-    for i in range(clients):
-        c = W.make_client(i)
-        xs[i], ys[i] = c["x"], c["y"]
-    xs, ys = tf.constant(xs), tf.constant(ys)
+    xs, ys = W.stacked_clients(clients)
     run = W.floor_round_fn()
     model = W.initial_model()
     w, b = model["w"], model["b"]

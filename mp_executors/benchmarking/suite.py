@@ -259,14 +259,7 @@ class Suite:
 
     @staticmethod
     def _floor(n: int, rounds: int) -> dict:
-        # Filled in place (not stacked from a list of clients): one big allocation that goes
-        # back to the OS when freed, instead of n small ones that stay in malloc's heap.
-        xs = np.empty((n, W.EXAMPLES, W.FEATURES), np.float32)
-        ys = np.empty((n, W.EXAMPLES), np.int32)
-        for i in range(n):
-            c = W.make_client(i)
-            xs[i], ys[i] = c["x"], c["y"]
-        xs, ys = tf.constant(xs), tf.constant(ys)
+        xs, ys = W.stacked_clients(n)
         run = W.floor_round_fn()
         m0 = W.initial_model()
         return measure(lambda: [t.numpy() for t in run(m0["w"], m0["b"], xs, ys)], rounds)
@@ -406,11 +399,7 @@ def _small_rounds(factory: Any, data: Any, rounds: int) -> dict:
 
 def _small_floor(n: int, rounds: int) -> dict:
     """The small workload's floor: W.small_floor_round_fn over all n clients, data already tensors."""
-    clients = [W.make_small_client(i) for i in range(n)]
-    ids = tf.constant(np.arange(n, dtype=np.int32))
-    xs = tf.constant(np.stack([c["x"] for c in clients]))
-    ys = tf.constant(np.stack([c["y"] for c in clients]))
-    del clients
+    ids, xs, ys = W.stacked_small_clients(n)
     run = W.small_floor_round_fn()
     state = {"model": W.small_initial_model(), "round": 0}
 

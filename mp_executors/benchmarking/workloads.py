@@ -78,6 +78,20 @@ def make_clients(n: int) -> list[dict]:
     return [make_client(i) for i in range(n)]
 
 
+def stacked_clients(n: int) -> tuple:
+    """Clients 0..n-1 as two tensors (x, y) with a leading client axis: the floor's input.
+
+    Filled in place (not stacked from a list of clients): one big allocation that goes
+    back to the OS when freed, instead of n small ones that stay in malloc's heap.
+    """
+    xs = np.empty((n, EXAMPLES, FEATURES), np.float32)
+    ys = np.empty((n, EXAMPLES), np.int32)
+    for i in range(n):
+        c = make_client(i)
+        xs[i], ys[i] = c["x"], c["y"]
+    return tf.constant(xs), tf.constant(ys)
+
+
 def floor_round_fn():
     """The one-process single-graph floor: one tf.function over all clients."""
 
@@ -142,6 +156,13 @@ def make_small_client(client_id: int) -> dict:
     x = rng.standard_normal((S_EXAMPLES, S_FEATURES), dtype=np.float32)
     true_w = np.random.default_rng(7).standard_normal((S_FEATURES, S_CLASSES)).astype(np.float32)
     return {"id": np.int32(client_id), "x": x, "y": np.argmax(x @ true_w, axis=1).astype(np.int32)}
+
+
+def stacked_small_clients(n: int) -> tuple:
+    """Small-workload clients 0..n-1 as tensors (ids, x, y) with a leading client axis: its floor's input."""
+    clients = [make_small_client(i) for i in range(n)]
+    return (tf.constant(np.arange(n, dtype=np.int32)), tf.constant(np.stack([c["x"] for c in clients])),
+            tf.constant(np.stack([c["y"] for c in clients])))
 
 
 def small_floor_round_fn():
