@@ -38,7 +38,7 @@ logger = logging.getLogger("mp_executors")
 
 
 class MpExecutorFactory(CachingExecutorFactory):
-    def __init__(self, default_num_clients: int = 0, max_fanout: int = 100, server_device: str | None = None,
+    def __init__(self, default_num_clients: int = 0, max_fanout: int | None = None, server_device: str | None = None,
                  client_devices: Sequence[str] = (), *, num_workers: int | None = None,
                  threads_per_worker: int | None = None, devices: Any = "auto", workers_per_gpu: int = 1,
                  memory_per_worker: int | str | None = None, oversubscribe: bool = False,
@@ -185,7 +185,7 @@ class MpExecutorFactory(CachingExecutorFactory):
         self.pool.close()
 
 
-def mp_executor_factory(default_num_clients: int = 0, max_fanout: int = 100, server_device: str | None = None,
+def mp_executor_factory(default_num_clients: int = 0, max_fanout: int | None = None, server_device: str | None = None,
                         client_devices: Sequence[str] = (), *, num_workers: int | None = None,
                         threads_per_worker: int | None = None, devices: Any = "auto", workers_per_gpu: int = 1,
                         memory_per_worker: int | str | None = None, oversubscribe: bool = False,
@@ -193,7 +193,9 @@ def mp_executor_factory(default_num_clients: int = 0, max_fanout: int = 100, ser
     """The worker-pool execution stack: clients sharded over pinned processes.
 
     The first four arguments mean what they mean for `local_executor_factory`
-    (swapping one factory for the other is a one-word change). The rest size
+    (swapping one factory for the other is a one-word change), except that
+    `max_fanout` is only checked: a worker's shard holds all its clients, so
+    that each intrinsic is one request per worker. The rest size
     and place the pool; `None`/'auto' means "decide from the machine":
 
       num_workers: worker processes (default: min(clients, CPUs / threads,

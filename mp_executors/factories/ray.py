@@ -98,7 +98,7 @@ class RayExecutorFactory(MpExecutorFactory):
     #: How long a reading of the cluster's resources is reused for planning.
     MACHINE_READING_SECONDS = 5.0
 
-    def __init__(self, address: str | None = None, default_num_clients: int = 0, max_fanout: int = 100,
+    def __init__(self, address: str | None = None, default_num_clients: int = 0, max_fanout: int | None = None,
                  server_device: str | None = None, client_devices: Sequence[str] = (), *,
                  num_workers: int | None = None, cpus_per_worker: int | None = None, gpus_per_worker: float = 0,
                  memory_per_worker: int | str | None = None, oversubscribe: bool = False, max_retries: int = 1,
@@ -175,7 +175,7 @@ class RayExecutorFactory(MpExecutorFactory):
             ray.shutdown()
 
 
-def ray_executor_factory(address: str | None = None, default_num_clients: int = 0, max_fanout: int = 100,
+def ray_executor_factory(address: str | None = None, default_num_clients: int = 0, max_fanout: int | None = None,
                          server_device: str | None = None, client_devices: Sequence[str] = (), *,
                          num_workers: int | None = None, cpus_per_worker: int | None = None,
                          gpus_per_worker: float = 0, memory_per_worker: int | str | None = None,
