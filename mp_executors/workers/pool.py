@@ -553,7 +553,7 @@ class WorkerPool:
 class _Outgoing:
     """A request in an `Outbox`, and what settling its reply needs."""
 
-    item: tuple  # `worker.handle`'s arguments: (shard id, releases, request, new functions)
+    item: tuple  # `service.Worker.handle`'s arguments: (shard id, releases, request, new functions)
     verb: str
     shard: RemoteShard
     reply: asyncio.Future

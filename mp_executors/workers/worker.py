@@ -11,7 +11,7 @@ forked from `workers.fork_server` has TensorFlow imported already but not
 initialised (`report()["start"]` says so); a spawned one imports it here,
 after pinning.
 
-The other functions here (`open_shard`, `close_shard`, `handle`, `report`)
+The other functions here (`open_shard`, `close_shard`, `handle_batch`, `report`)
 only forward to that object: loky and Ray need importable module-level
 functions to send to a worker.
 
@@ -35,7 +35,6 @@ from mp_executors.workers import fork_server
 from mp_executors.workers.faults import maybe_inject_fault
 
 if TYPE_CHECKING:  # imports TensorFlow: only after pinning (see initialize)
-    from mp_executors.executors.shard_requests import ShardRequest
     from mp_executors.workers.service import Worker
 
 #: This process's Worker: created by `initialize`, lives as long as the process.
@@ -154,11 +153,6 @@ def open_shard(shard_id: int, start: int, stop: int, device: str | None = None) 
 
 def close_shard(shard_id: int) -> None:
     current().close_shard(shard_id)
-
-
-def handle(shard_id: int, releases: tuple[int, ...], request: ShardRequest, new_functions: list = ()) -> Any:
-    """Runs one shard-protocol request (see `service.Worker.handle`)."""
-    return current().handle(shard_id, releases, request, new_functions)
 
 
 def handle_batch(items: list[tuple], progress: tuple[str, int] | None = None) -> list[tuple[bool, Any]]:
