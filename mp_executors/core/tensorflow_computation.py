@@ -225,6 +225,24 @@ def parameter_names(fn) -> list[str] | None:
 # --------------------------------------------------------------------------- loading
 
 
+def function_refs(node) -> list[str]:
+    """What a GraphDef node may name from the function library, in a fixed order.
+
+    Its op (a library function is called as an op), then every function-valued
+    attribute (a while loop's body and cond, a call's `f`, a case's branches), by
+    attribute name.
+    """
+    refs = [node.op]
+    for key in sorted(node.attr):
+        value = node.attr[key]
+        kind = value.WhichOneof("value")
+        if kind == "func":
+            refs.append(value.func.name)
+        elif kind == "list":
+            refs.extend(f.name for f in value.list.func)
+    return refs
+
+
 def import_graph(graph_def: bytes, input_names: Sequence[str], output_names: Sequence[str]):
     """A serialized GraphDef (with its function library) imported into this process, as a callable.
 

@@ -69,6 +69,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mp_executors._tf import tf
+from mp_executors.core import tensorflow_computation as tfc
 
 try:
     import fcntl
@@ -356,15 +357,7 @@ def _library_in_reference_order(graph_def) -> list[str]:
 
     def visit(nodes) -> None:  # depth-first; libraries nest a few levels, not hundreds
         for node in nodes:
-            refs = [node.op]
-            for key in sorted(node.attr):
-                value = node.attr[key]
-                kind = value.WhichOneof("value")
-                if kind == "func":
-                    refs.append(value.func.name)
-                elif kind == "list":
-                    refs.extend(f.name for f in value.list.func)
-            for ref in refs:
+            for ref in tfc.function_refs(node):
                 if ref in functions and ref not in seen:
                     seen.add(ref)
                     order.append(ref)

@@ -453,17 +453,6 @@ class _Library:
     renames: dict[str, str]
 
 
-def _function_refs(node) -> set[str]:
-    refs = {node.op}
-    for value in node.attr.values():
-        kind = value.WhichOneof("value")
-        if kind == "func":
-            refs.add(value.func.name)
-        elif kind == "list":
-            refs.update(f.name for f in value.list.func)
-    return refs
-
-
 def _rename_refs(node, renames: dict[str, str]) -> None:
     if node.op in renames:
         node.op = renames[node.op]
@@ -485,7 +474,7 @@ def _rebuild_library(graph_def) -> _Library:
     from tensorflow.python.framework import function_def_to_graph  # noqa: PLC0415
 
     fdefs = {f.signature.name: f for f in graph_def.library.function}
-    deps = {name: {r for n in f.node_def for r in _function_refs(n) if r in fdefs} for name, f in fdefs.items()}
+    deps = {name: {r for n in f.node_def for r in tfc.function_refs(n) if r in fdefs} for name, f in fdefs.items()}
     order: list[str] = []
 
     def visit(name: str, path: tuple[str, ...]) -> None:
